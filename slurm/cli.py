@@ -1,0 +1,168 @@
+"""`ldit`: run a job of the pipeline in this process, on N local processes, or on SLURM.
+
+    ldit <job> [CONFIG.yaml ...] [key=value ...] [--local N] [--slurm ...]
+
+The config is loaded and checked before any process starts, so a typo costs a second, not a queue
+wait. Exit codes: 0 done; 2 usage or configuration error (or a job not built yet); 1 the job failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from slurm.config import ConfigError, help_text, to_yaml
+from slurm.jobs import JOBS, Job
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldit",
+        description="Distributed training of VA-VAE and LightningDiT (arXiv 2501.01423).",
+        epilog="`ldit <job> --help` lists the job's config keys with their documentation.",
+    )
+    sub = parser.add_subparsers(title="jobs", dest="job", metavar="<job>", required=True)
+    for name, job in JOBS.items():
+        keys = "\n\n".join(
+            (f"config keys (kind={kind}):\n" if kind else "config keys:\n") + help_text(schema)
+            for kind, schema in job.schemas.items()
+        )
+        p = sub.add_parser(
+            name,
+            help=job.summary,
+            description=f"ldit {name}: {job.summary}.",
+            epilog=keys,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "args", nargs="*", metavar="CONFIG.yaml | key=value", help="config files, then overrides"
+        )
+        where = p.add_mutually_exclusive_group()
+        where.add_argument(
+            "--local", type=int, metavar="N", default=0, help="run on N processes on this machine"
+        )
+        where.add_argument("--slurm", action="store_true", help="submit to SLURM (cluster=<cluster yaml>)")
+    return parser
+
+
+def split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Config files (ending .yaml/.yml) and key=value overrides, each in their given order."""
+    files = [a for a in args if a.endswith((".yaml", ".yml")) and "=" not in a]
+    overrides = [a for a in args if a not in files]
+    return files, overrides
+
+
+def write_run_config(cfg: Any) -> Path:
+    """Write the resolved config to `<run dir>/config.yaml`; an earlier, different one is kept as config.<k>.yaml."""
+    run_dir = cfg.run.dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path, text = run_dir / "config.yaml", to_yaml(cfg)
+    if path.exists() and path.read_text() != text:
+        k = 1
+        while (run_dir / f"config.{k}.yaml").exists():
+            k += 1
+        path.rename(run_dir / f"config.{k}.yaml")
+    if not path.exists():
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
+
+
+def run_here(job: Job, cfg: Any) -> int:
+    """Run `job` in this process as one rank of the world its environment describes."""
+    from slurm.env import init_distributed, shutdown
+
+    timeout = getattr(cfg, "collective_timeout_s", 600.0)
+    env = init_distributed(timeout_s=timeout)
+    try:
+        if env.rank == 0 and job.name == "train":
+            write_run_config(cfg)
+        job.function()(cfg)
+    finally:
+        shutdown()
+    return EXIT_OK
+
+
+def run_local(cmd: Sequence[str], n: int) -> int:
+    """Run `cmd` as n local processes (torchrun-style variables); when one fails, stop the others.
+
+    Returns 0, or the exit code of the first process that failed.
+    """
+    from slurm.env import child_env, free_port
+
+    port = free_port()
+    procs = [subprocess.Popen(cmd, env=child_env(r, n, port)) for r in range(n)]
+    code = EXIT_OK
+    while procs:
+        for p in list(procs):
+            rc = p.poll()
+            if rc is None:
+                continue
+            procs.remove(p)
+            if rc != 0 and code == EXIT_OK:
+                code = rc
+                for other in procs:
+                    other.terminate()
+        time.sleep(0.05)
+    return code
+
+
+def _without_local(argv: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--local":
+            skip = True
+        elif not a.startswith("--local="):
+            out.append(a)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = _parser().parse_args(argv)
+    job = JOBS[ns.job]
+    files, overrides = split_args(ns.args)
+    try:
+        cfg = job.load(files, overrides)
+    except ConfigError as exc:
+        print(f"ldit {job.name}: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if job.entry is None:
+        print(f"ldit {job.name}: not built yet (issue #{job.issue}); the config is valid.", file=sys.stderr)
+        return EXIT_USAGE
+    if ns.slurm:
+        print(f"ldit {job.name}: --slurm is not built yet (issue #8)", file=sys.stderr)
+        return EXIT_USAGE
+    if ns.local:
+        if ns.local < 1:
+            print(f"ldit {job.name}: --local needs a positive process count, got {ns.local}", file=sys.stderr)
+            return EXIT_USAGE
+        return run_local([sys.executable, "-m", "slurm.cli", *_without_local(argv)], ns.local)
+    return run_here(job, cfg)
+
+
+def console() -> None:
+    """The `ldit` command: run main, flush, and leave without the interpreter's shutdown.
+
+    A finished distributed run can abort in a gloo thread at interpreter shutdown (ecosystem §8,
+    pytorch#190489); leaving with os._exit after flushing avoids it.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    console()

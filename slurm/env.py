@@ -1,0 +1,160 @@
+"""The one module that knows the environment: ranks, rendezvous, process group, device (STYLE.md 9).
+
+Three launchers are recognised, in this order:
+
+- torchrun (and `ldit ... --local N`): `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`;
+- SLURM (srun, and submitit's jobs): `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`, the node list,
+  read through submitit's `SlurmJobEnvironment` (the master is the job's first host; the port comes
+  from `MASTER_PORT` or is derived from the job id, identically on every task);
+- nothing: a single process, rank 0 of 1.
+
+:func:`init_distributed` always starts a process group, even for one process (on a free loopback
+port), so that jobs and DeepSpeed see the same world in every case. Jobs below the launcher never read
+the environment: they ask `torch.distributed` for rank and world size and :func:`models.device.device`
+for the device.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from models.device import use_gpus
+
+Launcher = Literal["single", "torchrun", "slurm"]
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in its job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: Launcher
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise RuntimeError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
+
+
+def detect() -> DistEnv:
+    """Read the launcher's variables (see the module docstring) without starting anything."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in env]
+        world = _int("WORLD_SIZE")
+        if missing and world > 1:
+            raise RuntimeError(f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not")
+        local_world = _int("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world
+        return DistEnv(
+            rank=_int("RANK"),
+            local_rank=_int("LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            world_size=world,
+            local_world_size=local_world,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int("MASTER_PORT") if "MASTER_PORT" in env else free_port(),
+            launcher="torchrun",
+        )
+    if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return _from_slurm()
+    return DistEnv(0, 0, 1, 1, "127.0.0.1", free_port(), "single")
+
+
+def _from_slurm() -> DistEnv:
+    """Rank and rendezvous of a SLURM task, from submitit's reading of the SLURM variables.
+
+    The master is the job's first host; the port is `MASTER_PORT` when set, else derived from the job
+    id, so that every task of the job picks the same one.
+    """
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    job = SlurmJobEnvironment()
+    port = _int("MASTER_PORT") if "MASTER_PORT" in os.environ else 20000 + int(job.raw_job_id) % 40000
+    return DistEnv(
+        rank=job.global_rank,
+        local_rank=job.local_rank,
+        world_size=job.num_tasks,
+        local_world_size=job.num_tasks // job.num_nodes,
+        master_addr=job.hostnames[0],
+        master_port=port,
+        launcher="slurm",
+    )
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistEnv:
+    """Start the process group for this process and pin its device. Returns where it stands.
+
+    nccl on GPUs (device `cuda:<local rank>`), gloo on CPU. The torchrun variables are exported as
+    well, because DeepSpeed reads them; on CPU `DS_ACCELERATOR=cpu` tells DeepSpeed not to look for
+    GPUs. `timeout_s` bounds every collective: a rank that dies makes the others fail, not hang.
+    """
+    env = detect()
+    os.environ.update(
+        RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_RANK=str(env.local_rank),
+        LOCAL_WORLD_SIZE=str(env.local_world_size),
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(env.master_port),
+    )
+    if use_gpus():
+        torch.cuda.set_device(env.local_rank)
+        backend = "nccl"
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    return env
+
+
+def shutdown() -> None:
+    """Leave the process group (every rank calls it at the end of a job)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def child_env(rank: int, world_size: int, master_port: int, base: dict[str, str] | None = None) -> dict:
+    """The environment of local process `rank` of `world_size` (`ldit ... --local N`), torchrun-style.
+
+    SLURM's task variables are removed so that a child started inside a SLURM job does not take
+    SLURM's rank for its own.
+    """
+    env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith("SLURM_")}
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(master_port),
+    )
+    return env

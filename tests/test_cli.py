@@ -1,0 +1,80 @@
+"""The `ldit` command: every job is listed, each job's help lists its documented keys, errors exit 2."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from slurm.cli import main, split_args, write_run_config
+from slurm.config import load_config
+from slurm.jobs import JOBS
+from tests.conftest import ROOT
+from trainer.config import TrainDiTConfig
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the commands name configs/ relative to the repository, as a user would
+
+
+ALL_JOBS = ["prep-images", "extract-latents", "ref-stats", "train", "eval", "export", "sweep", "demo"]
+
+
+def test_help_lists_every_job():
+    ldit = shutil.which("ldit", path=str(sys.executable.rsplit("/", 1)[0]))
+    assert ldit, "the console script is installed"
+    out = subprocess.run([ldit, "--help"], capture_output=True, text=True, check=True).stdout
+    assert list(JOBS) == ALL_JOBS
+    for name, job in JOBS.items():
+        assert name in out and job.summary.split()[0] in out
+
+
+def test_job_help_lists_keys_with_docs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "config keys (kind=dit):" in out and "config keys (kind=vavae):" in out
+    assert "  optim.lr (float) = 0.0002\n      Learning rate (reference §3.2: 2e-4 for the DiT" in out
+    assert "  loss.disc_start (int) = 5001" in out
+    with pytest.raises(SystemExit):
+        main(["prep-images", "--help"])
+    assert "  src (str) = ??? (required)" in capsys.readouterr().out
+
+
+def test_config_errors_exit_2_with_the_key(capsys):
+    assert main(["train", "configs/dit/lightningdit_xl1.yaml", "optim.lr_=1"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "ldit train: config error: command line: Key 'lr_' not in 'OptimConfig'. Did you mean: 'lr'? (key: optim.lr_)\n"
+    )
+    assert main(["train", "run.name=x"]) == 2
+    assert "train needs `kind` (one of dit, vavae)" in capsys.readouterr().err
+    assert main(["train", "kind=gan"]) == 2
+    assert "kind 'gan' is not one of dit, vavae" in capsys.readouterr().err
+
+
+def test_unbuilt_job_says_so_after_checking_the_config(capsys):
+    assert main(["sweep", "train=configs/dit/lightningdit_b1.yaml"]) == 2
+    assert "ldit sweep: not built yet (issue #8); the config is valid." in capsys.readouterr().err
+
+
+def test_split_args_keeps_order():
+    assert split_args(["a.yaml", "x=1", "b.yml", "y=c.yaml"]) == (["a.yaml", "b.yml"], ["x=1", "y=c.yaml"])
+
+
+def test_resolved_config_is_written_to_the_run_directory(tmp_path):
+    cfg = load_config(TrainDiTConfig, ["configs/dit/lightningdit_b1.yaml"], [f"run.root={tmp_path}"])
+    path = write_run_config(cfg)
+    assert path == tmp_path / "lightningdit-b1" / "config.yaml"
+    assert load_config(TrainDiTConfig, [path]) == cfg
+    write_run_config(cfg)  # the same config again: nothing archived
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.yaml"]
+    changed = load_config(TrainDiTConfig, [path], ["steps=100"])
+    write_run_config(changed)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.1.yaml", "config.yaml"]
+    assert load_config(TrainDiTConfig, [path.parent / "config.1.yaml"]) == cfg
+    assert load_config(TrainDiTConfig, [path]).steps == 100

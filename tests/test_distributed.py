@@ -1,0 +1,113 @@
+"""The launcher's environment module: two processes started by torchrun, by SLURM-style variables, and
+by `ldit --local`-style spawning all agree on rank and world size and can all-reduce (gloo, CPU)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+
+from slurm.cli import run_local
+from slurm.env import DistEnv, detect, free_port
+from tests.conftest import WORKERS, clean_env, read_ranks, run_procs
+
+
+def check_two_ranks(folder, launcher: str) -> None:
+    ranks = read_ranks(folder, 2)
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["local_rank"] for r in ranks] == [0, 1]
+    assert [r["launcher"] for r in ranks] == [launcher, launcher]
+    assert [r["backend"] for r in ranks] == ["gloo", "gloo"]
+    assert [r["all_reduce"] for r in ranks] == [3.0, 3.0]  # 1 + 2
+
+
+def test_torchrun(tmp_path):
+    torchrun = shutil.which("torchrun", path=str(sys.executable.rsplit("/", 1)[0]))
+    assert torchrun, "torchrun is installed with torch"
+    cmd = [
+        torchrun,
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(WORKERS / "dist_check.py"),
+        str(tmp_path),
+    ]
+    run_procs([(cmd, clean_env())])
+    check_two_ranks(tmp_path, "torchrun")
+
+
+def test_slurm_variables(tmp_path):
+    port = str(free_port())
+    cmds = []
+    for r in range(2):
+        env = clean_env(
+            SLURM_JOB_ID="4242",
+            SLURM_PROCID=str(r),
+            SLURM_LOCALID=str(r),
+            SLURM_NTASKS="2",
+            SLURM_JOB_NUM_NODES="1",
+            SLURM_NODEID="0",
+            SLURM_JOB_NODELIST="localhost",
+            MASTER_PORT=port,
+        )
+        cmds.append(([sys.executable, str(WORKERS / "dist_check.py"), str(tmp_path)], env))
+    run_procs(cmds)
+    check_two_ranks(tmp_path, "slurm")
+
+
+def test_local_spawning_and_single_process(tmp_path, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    assert run_local([sys.executable, str(WORKERS / "dist_check.py"), str(tmp_path)], 2) == 0
+    check_two_ranks(tmp_path, "torchrun")
+    single = tmp_path / "single"
+    single.mkdir()
+    run_procs([([sys.executable, str(WORKERS / "dist_check.py"), str(single)], clean_env())])
+    (r,) = read_ranks(single, 1)
+    assert (r["rank"], r["world_size"], r["launcher"], r["all_reduce"]) == (0, 1, "single", 1.0)
+
+
+def test_local_stops_the_others_when_one_fails():
+    code = "import os, sys, time; r = int(os.environ['RANK']); time.sleep(0.2 if r else 60); sys.exit(3)"
+    assert run_local([sys.executable, "-c", code], 2) == 3
+
+
+def test_detect_reads_slurm_nodelists(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    env = dict(
+        SLURM_JOB_ID="77",
+        SLURM_PROCID="5",
+        SLURM_LOCALID="1",
+        SLURM_NTASKS="8",
+        SLURM_JOB_NUM_NODES="4",
+        SLURM_NODEID="2",
+        SLURM_JOB_NODELIST="gpu[003-004,010],cpu7",
+    )
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    d = detect()
+    assert (d.rank, d.local_rank, d.world_size, d.local_world_size) == (5, 1, 8, 2)
+    assert d.master_addr == "gpu003" and d.launcher == "slurm"
+    assert d.master_port == 20000 + 77
+    assert detect().master_port == d.master_port  # every task derives the same port from the job id
+
+
+def test_torchrun_variables_take_precedence_and_are_checked(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(RuntimeError, match="RANK and WORLD_SIZE are set but MASTER_ADDR, MASTER_PORT is not"):
+        detect()
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1234")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert detect() == DistEnv(1, 1, 2, 2, "10.0.0.1", 1234, "torchrun")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(RuntimeError, match="environment variable WORLD_SIZE='two' is not an integer"):
+        detect()

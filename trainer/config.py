@@ -1,0 +1,201 @@
+"""Configuration schemas of `ldit train` (DiT and VA-VAE runs) and `ldit export`.
+
+The hyperparameter defaults are the reference's (lightningdit.md §3.2 for the DiT, §1.4 for the
+VA-VAE); the files under `configs/dit/` and `configs/vavae/` still name every value that matters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from omegaconf import MISSING
+
+from models.device import Precision
+
+
+@dataclass
+class RunConfig:
+    """Run identity (STYLE.md 7): the run directory is `<root>/<name>`, with no timestamp or counter."""
+
+    name: str = MISSING
+    """Run name. Starting a run whose directory holds a complete checkpoint resumes it."""
+    root: str = "runs"
+    """Folder that holds the run directories."""
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+@dataclass
+class StreamConfig:
+    """The training data stream (DESIGN.md "The stream reader")."""
+
+    shards: str = MISSING
+    """Shard set folder (with manifest.json): images for VA-VAE runs, latents for DiT runs."""
+    global_batch: int = 1024
+    """Samples per optimizer step over all ranks (reference §3.2: 1024 for the DiT, §1.4: 256 for VA-VAE)."""
+    streams: int = 64
+    """Virtual streams V: fixed for the life of a run; must divide global_batch and be divisible by every world size used."""
+    workers: int = 2
+    """DataLoader worker processes per rank."""
+    seed: int = 0
+    """Seed of the shard and sample permutations (and of flips and crops)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (DeepSpeed engine with the torch optimizer)."""
+
+    lr: float = 2e-4
+    """Learning rate (reference §3.2: 2e-4 for the DiT; §1.4: 1e-4 for VA-VAE)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas (reference §3.2: (0.9, 0.95) for the DiT; §1.4: (0.5, 0.9) for VA-VAE)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (reference: 0)."""
+    eps: float = 1e-8
+    """Adam epsilon (torch default, as the reference)."""
+    grad_clip: float = 0.0
+    """Global gradient-norm clip; 0 turns it off (the reference's default). Written to DeepSpeed explicitly: its own default became 1.0 in 0.19.3."""
+    warmup_steps: int = 0
+    """Linear learning-rate warmup from 0 (the reference uses none)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 5000
+    """Save a checkpoint every this many steps (and at the end, and on a stop signal)."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints; older ones are deleted after a newer one is complete."""
+    milestone_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0: none)."""
+
+
+@dataclass
+class LogConfig:
+    every: int = 100
+    """Log scalars to TensorBoard every this many steps."""
+    sample_every: int = 5000
+    """Write a sample grid every this many steps (0: never)."""
+    peak_tflops: float = 989.0
+    """Peak dense bf16 TFLOP/s of one device, for MFU (989 for an H100 SXM; set it for your GPU)."""
+
+
+@dataclass
+class TrainCommon:
+    """Keys shared by DiT and VA-VAE runs."""
+
+    kind: str = MISSING
+    """Which model the run trains: `dit` or `vavae`."""
+    run: RunConfig = field(default_factory=RunConfig)
+    data: StreamConfig = field(default_factory=StreamConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    steps: int = 80000
+    """Optimizer steps to train (reference §3.2: 80k steps = 64 epochs at batch 1024)."""
+    micro_batch: int = 0
+    """Samples per rank per forward; 0 means global_batch / world size (no accumulation)."""
+    precision: Precision = "auto"
+    """Compute dtype: `auto` is bf16 on GPUs and fp32 on CPU."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (the design uses 2)."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing per transformer block / per VA-VAE resolution level."""
+    init_from: str = ""
+    """Weights to start from (an export folder or file); ignored when the run directory already has a checkpoint."""
+    nonfinite: Literal["skip", "stop"] = "stop"
+    """What a non-finite loss does: skip the step, or stop the run (never writes non-finite weights)."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective may wait for a missing rank before the job fails instead of hanging."""
+
+    def validate(self) -> None:
+        """Cross-field rules that need no world size (those that do are checked at launch)."""
+        d = self.data
+        if d.global_batch <= 0 or d.streams <= 0 or d.global_batch % d.streams:
+            raise ValueError(
+                f"data.streams={d.streams} must divide data.global_batch={d.global_batch}: every step takes "
+                "global_batch / streams samples from each stream"
+            )
+        if self.steps <= 0:
+            raise ValueError(f"steps={self.steps} must be positive")
+        if self.micro_batch < 0:
+            raise ValueError(f"micro_batch={self.micro_batch} must be 0 (no accumulation) or positive")
+
+
+@dataclass
+class DiTModelConfig:
+    size: str = "XL/1"
+    """LightningDiT size from the registry (reference §2.1): B/1, B/2, L/2, XL/1, XL/2, 1p0B/1, 1p6B/1, or a small test size."""
+    use_qknorm: bool = False
+    """RMSNorm on q and k before RoPE (off in the reference; suggested against NaN losses, §6)."""
+
+
+@dataclass
+class TrainDiTConfig(TrainCommon):
+    """A LightningDiT run: rectified flow on VA-VAE latents (reference §3)."""
+
+    kind: str = "dit"
+    model: DiTModelConfig = field(default_factory=DiTModelConfig)
+    ema_decay: float = 0.9999
+    """EMA decay, updated every step from step 0 (reference §3.2)."""
+    t_sampling: Literal["lognorm", "uniform"] = "lognorm"
+    """Training time distribution: sigmoid of N(0,1), or uniform (reference §3.1)."""
+    cos_loss_weight: float = 1.0
+    """Weight of the velocity-direction (cosine) loss (reference §3.1: 1)."""
+    label_dropout: float = 0.1
+    """Probability a label is replaced by the null class (reference §2.2: 0.1)."""
+    vavae: str = ""
+    """VA-VAE export used to decode sample grids (empty: grids show the first 3 latent channels)."""
+
+
+@dataclass
+class VAVAELossConfig:
+    """VA-VAE loss weights (reference §1.2-1.3)."""
+
+    kl_weight: float = 1e-6
+    """Weight of the KL term, calibrated against the sum-over-pixels reconstruction (reference §1.3: 1e-6)."""
+    perceptual_weight: float = 1.0
+    """Weight of LPIPS inside the reconstruction term (reference §1.3: 1.0)."""
+    disc_weight: float = 0.5
+    """Multiplier of the adaptive GAN weight (reference §1.3: 0.5)."""
+    disc_start: int = 5001
+    """Step from which the GAN loss is on (reference §1.4: 5001 in stage 1, 1 afterwards)."""
+    vf_weight: float = 0.1
+    """Hyper-weight of the adaptive VF loss (reference §1.4: 0.5 in stage 1, 0.1 afterwards)."""
+    cos_margin: float = 0.5
+    """Margin m1 of the marginal cosine similarity (reference §1.2)."""
+    distmat_margin: float = 0.25
+    """Margin m2 of the marginal distance-matrix similarity (reference §1.2)."""
+    foundation: Literal["dinov2", "mae"] = "dinov2"
+    """Frozen vision foundation model the latents are aligned to (reference §1.2)."""
+    foundation_weights: str = ""
+    """Local file of the foundation model's weights, for offline machines (empty: timm downloads them)."""
+    lpips_weights: str = ""
+    """Local file of LPIPS's VGG16 + linear heads, for offline machines (empty: downloaded)."""
+
+
+@dataclass
+class TrainVAVAEConfig(TrainCommon):
+    """A VA-VAE run: autoencoder and PatchGAN discriminator as two engines (reference §1)."""
+
+    kind: str = "vavae"
+    model: str = "f16d32"
+    """Autoencoder size: f16d32 (reference §1.1) or a small CPU size."""
+    loss: VAVAELossConfig = field(default_factory=VAVAELossConfig)
+    image_size: int = 256
+    """Side of the random crop (reference §1.4: 256)."""
+
+
+TRAIN_KINDS: dict[str, type[TrainCommon]] = {"dit": TrainDiTConfig, "vavae": TrainVAVAEConfig}
+
+
+@dataclass
+class ExportConfig:
+    """Write the EMA weights of a checkpoint with the reference's key names (DESIGN.md "Run directory")."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    step: int = -1
+    """Checkpoint step to export; -1 means the latest complete one."""
