@@ -96,7 +96,8 @@ class RectifiedFlow:
         """The loss of `net` on the data batch x1 (B, C, H, W) with labels y (B,).
 
         Noise and t are taken from the arguments when given, else drawn from `generator` (on its device;
-        a CPU generator makes the draw independent of the training device), else from torch's global RNG.
+        a CPU generator makes the draw independent of the training device), noise first, then t; without
+        a generator, from torch's global RNG.
         The net is called once as `net(x_t, t, y)`; its output is cast to fp32 before the loss, as the
         reference's Accelerate does (§3.1).
         """

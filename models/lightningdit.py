@@ -351,11 +351,13 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
 
     def forward(self, y: Tensor, drop_mask: Tensor | None = None) -> Tensor:
-        """In training mode, labels are replaced by the null label where `torch.rand < p` (global RNG), or
-        where `drop_mask` is true if it is given. In eval mode labels are used as given."""
-        if self.training and self.dropout_prob > 0:
-            if drop_mask is None:
-                drop_mask = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+        """Labels are replaced by the null label where `drop_mask` (B,) is true, if it is given (the
+        reference's `force_drop_ids`); else, in training mode only, where `torch.rand < p` (global RNG)."""
+        if drop_mask is None and self.training and self.dropout_prob > 0:
+            drop_mask = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+        if drop_mask is not None:
+            if self.dropout_prob == 0:
+                raise ValueError("drop_mask needs a null label, but class_dropout_prob is 0 (no null row)")
             y = torch.where(drop_mask, torch.full_like(y, self.num_classes), y)
         return self.embedding_table(y)
 
@@ -437,8 +439,9 @@ class LightningDiT(nn.Module):
         """Velocity at (x, t) for labels y (§2.3).
 
         x: (B, C, H, W) normalised latent; t: (B,) flow time in [0, 1], 0 = noise, 1 = data; y: (B,) int64
-        labels in [0, num_classes], num_classes = null. `drop_mask` (B,) bool optionally fixes which labels
-        the training-mode label dropout replaces (default: drawn from the global RNG, as the reference).
+        labels in [0, num_classes], num_classes = null. `drop_mask` (B,) bool, if given, says which labels to
+        replace by the null label; else training mode drops each with class_dropout_prob (global RNG, as
+        the reference) and eval mode keeps them.
         Returns (B, C, H, W).
         """
         x = self.x_embedder(x) + self.pos_embed  # (B, T, D)

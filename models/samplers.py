@@ -31,8 +31,9 @@ ModelFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def _times(t: Tensor, x: Tensor) -> Tensor:
-    """A grid time broadcast to the batch: (B,) in x's dtype."""
-    return t.to(device=x.device, dtype=x.dtype).expand(x.shape[0])
+    """A grid time broadcast to the batch: (B,), float32 (float64 for float64 states), never bf16."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return t.to(device=x.device, dtype=dtype).expand(x.shape[0])
 
 
 def shift_time(t: Tensor, shift: float) -> Tensor:
@@ -109,7 +110,7 @@ def sample_ode(
     shift 0.3, §4.1). `num_points` and `shift` apply to the fixed-grid methods; atol and rtol to dopri5."""
     if method == "dopri5":
         return sample_dopri5(model_fn, x, atol=atol, rtol=rtol)
-    ts = timestep_grid(num_points, shift, device=x.device)
+    ts = timestep_grid(num_points, shift)  # on the CPU: the step sizes are read without a device sync
     if method == "euler":
         return sample_euler(model_fn, x, ts)
     if method == "heun":

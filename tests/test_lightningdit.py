@@ -202,8 +202,13 @@ def test_label_dropout_only_in_training_and_null_is_num_classes() -> None:
     assert torch.equal(is_null | (out == table[0]).all(dim=1), torch.ones(4000, dtype=torch.bool))
     assert is_null.float().mean().item() == pytest.approx(0.5, abs=0.03)
     mask = torch.tensor([True, False, True, False])
-    assert torch.equal(emb(torch.tensor([3, 4, 5, 6]), mask), table[torch.tensor([10, 4, 10, 6])])
-    assert LightningDiT(_small_args(class_dropout_prob=0.0)).y_embedder.embedding_table.num_embeddings == 10
+    for mode in (True, False):  # an explicit mask applies in both modes, like the reference's force_drop_ids
+        emb.train(mode)
+        assert torch.equal(emb(torch.tensor([3, 4, 5, 6]), mask), table[torch.tensor([10, 4, 10, 6])])
+    no_null = LightningDiT(_small_args(class_dropout_prob=0.0)).y_embedder
+    assert no_null.embedding_table.num_embeddings == 10
+    with pytest.raises(ValueError, match="drop_mask needs a null label, but class_dropout_prob is 0"):
+        no_null(torch.tensor([1]), torch.tensor([True]))
 
 
 # ---------------------------------------------------------------------------------------------- positions
@@ -416,3 +421,17 @@ def test_xl1_flops_are_the_usual_magnitude() -> None:
     assert flops.train / flops.forward == pytest.approx(3.0, abs=0.001)
     with_ckpt = lightningdit_flops(lightningdit_args("XL/1"), grad_checkpointing=True)
     assert with_ckpt.train / with_ckpt.forward == pytest.approx(4.0, abs=0.01)
+
+
+def test_bf16_autocast_and_bf16_weights_run_close_to_fp32() -> None:
+    """The reference trains under bf16 autocast (§3.2); DeepSpeed's bf16 mode runs bf16 weights."""
+    model = _randomise(LightningDiT(_small_args()), 0).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    with torch.no_grad():
+        ref = model(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(x, t, y)
+        bf16 = model.to(torch.bfloat16)(x.bfloat16(), t, y)
+    for out in (autocast, bf16):
+        assert out.dtype == torch.bfloat16
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 0.1

@@ -208,3 +208,11 @@ def test_cfg_off_below_interval_start_and_for_scale_one() -> None:
     batches.clear()
     assert torch.equal(cfg_model_fn(model, y, scale=1.0, null_class=9)(x, torch.full((2,), 0.5)), cond)
     assert batches == [2]
+
+
+def test_model_sees_float32_times_for_bf16_states() -> None:
+    seen = []
+    v = lambda x, t: seen.append(t.dtype) or torch.zeros_like(x)
+    sample_euler(v, torch.zeros(2, 3, dtype=torch.bfloat16), timestep_grid(3, 0.3))
+    sample_heun(v, torch.zeros(2, 3, dtype=torch.float64), timestep_grid(3))
+    assert seen == [torch.float32] * 2 + [torch.float64] * 4
