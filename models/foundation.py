@@ -5,6 +5,9 @@ dynamic_img_size=True)``, resizes the 256² image bilinearly to 224² (MAE: uses
 and takes ``forward_features(x)[:, 1:]`` reshaped to (B, 1024, 16, 16). It feeds the [-1, 1] images
 without ImageNet normalisation (§1.2 "known bug"); that is the default here, and ``imagenet_norm=True``
 applies the model's mean/std to (x + 1) / 2 instead.
+
+Without a local file, timm downloads from the Hugging Face hub. On an offline node the hub client retries
+for about a minute before failing unless ``HF_HUB_OFFLINE=1`` is set; giving the file avoids both.
 """
 
 from __future__ import annotations

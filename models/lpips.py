@@ -14,6 +14,7 @@ w_l the learned non-negative 1×1 heads. Inputs are images in [-1, 1]; the outpu
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,7 +25,10 @@ from models.weights import WeightsSpec, load_pretrained, lpips_package_heads_fil
 VGG_SPEC = WeightsSpec(
     network="LPIPS VGG16 trunk (torchvision vgg16 IMAGENET1K_V1)",
     config_key="vavae.vgg16_weights",
-    expected_file="a torchvision VGG16 state_dict with `features.*` keys (e.g. vgg16-397923af.pth)",
+    expected_file=(
+        "a torchvision VGG16 state_dict with `features.*` keys (e.g. vgg16-397923af.pth, which torchvision "
+        "also finds without this key in $TORCH_HOME/hub/checkpoints/)"
+    ),
     export_command="python -m models.weights vgg16 vgg16_features.pth",
 )
 HEADS_SPEC = WeightsSpec(
@@ -117,6 +121,7 @@ class LPIPS(nn.Module):
         heads_weights: local LPIPS v0.1 vgg heads (``vavae.lpips_weights``); else the ``lpips`` package file.
         pretrained: False builds random weights (tests, demos) and reads no file.
         allow_download: False forbids the torchvision download (a missing file is then an error).
+        vgg_config_key, heads_config_key: the config keys named in error messages.
     """
 
     def __init__(
@@ -125,6 +130,8 @@ class LPIPS(nn.Module):
         heads_weights: str | Path | None = None,
         pretrained: bool = True,
         allow_download: bool = True,
+        vgg_config_key: str = VGG_SPEC.config_key,
+        heads_config_key: str = HEADS_SPEC.config_key,
     ) -> None:
         super().__init__()
         self.scaling_layer = ScalingLayer()
@@ -133,10 +140,16 @@ class LPIPS(nn.Module):
             setattr(self, f"lin{i}", NetLinLayer(ch))
         if pretrained:
             self.net.load_torchvision(
-                load_pretrained(VGG_SPEC, vgg_weights, read_state_dict, _download_vgg16, allow_download)
+                load_pretrained(
+                    replace(VGG_SPEC, config_key=vgg_config_key),
+                    vgg_weights,
+                    read_state_dict,
+                    _download_vgg16,
+                    allow_download,
+                )
             )
             heads = load_pretrained(
-                HEADS_SPEC,
+                replace(HEADS_SPEC, config_key=heads_config_key),
                 heads_weights,
                 read_state_dict,
                 lambda: read_state_dict(lpips_package_heads_file()),

@@ -357,6 +357,9 @@ def load_reference_checkpoint(
     (``strict=True``); ``linear_proj.weight`` goes to ``vf_projection.weight`` when given; ``loss.*`` and
     ``foundation_model.*`` are dropped. Any other key is an error. ``map_fn`` may transform the raw dict first.
     Returns the key lists per destination (``autoencoder``, ``vf_projection``, ``dropped``).
+
+    A path is read with ``torch.load(weights_only=True)``; a Lightning file whose extra entries need full
+    unpickling must be loaded by the caller (from a trusted source) and passed as a dict.
     """
     if isinstance(source, (str, Path)):
         sd = read_state_dict(source)
