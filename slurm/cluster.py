@@ -1,0 +1,202 @@
+"""Cluster files (`configs/cluster/*.yaml`) and the submitit executors built from them (STYLE.md 10).
+
+Everything that differs between clusters (partition, account, QOS, GPUs and CPUs per node, time
+limit, the shell lines that prepare a node) is written in a cluster file; this module holds no
+cluster's name, partition or path. A cluster file is loaded like any other config, with
+:func:`slurm.config.load_config`, so an unknown or misspelt key fails with its name.
+
+One SLURM task runs per GPU (`tasks_per_node = gpus_per_node`); on a CPU cluster the file says how
+many tasks a node runs. :func:`sbatch_parameters` turns a cluster file into the parameters of
+submitit's `SlurmExecutor` (no cluster needed, so it is unit-tested); :func:`make_executor` builds
+the executor from them.
+
+The partition is required. SLURM has a default partition, but which one it is depends on the site
+(and sometimes on the account); a job that lands in the wrong one silently waits or is pre-empted.
+A cluster file therefore names it, even when it is the default (`sinfo -s` lists them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import MISSING
+
+from slurm.config import ConfigError, load_config
+
+# sbatch options that the cluster file's own keys (or the submission) set; `sbatch:` may not repeat them.
+MANAGED_SBATCH = {
+    "partition": "partition",
+    "account": "account",
+    "qos": "qos",
+    "nodes": "nodes",
+    "ntasks-per-node": "tasks_per_node",
+    "cpus-per-task": "cpus_per_task",
+    "gpus-per-node": "gpus_per_node",
+    "gres": "gpus_per_node with gpu_request: gres",
+    "mem": "mem_gb",
+    "time": "time_min",
+    "signal": "signal_delay_s",
+    "constraint": "constraint",
+    "dependency": "`ldit ... --slurm --after JOBID`",
+    "job-name": "(set from the job's name)",
+    "output": "folder",
+    "error": "folder",
+}
+
+
+@dataclass
+class ClusterConfig:
+    """A SLURM cluster and the resources a job asks it for (one `configs/cluster/*.yaml` file)."""
+
+    partition: str = MISSING
+    """SLURM partition to submit to (required: `sinfo -s` lists them)."""
+    account: str | None = None
+    """Account charged for the job (`--account`), when the cluster wants one."""
+    qos: str | None = None
+    """Quality of service (`--qos`), when the cluster uses them."""
+    nodes: int = 1
+    """Nodes per job."""
+    gpus_per_node: int = 0
+    """GPUs per node; one task runs per GPU. 0 for a CPU-only cluster."""
+    tasks_per_node: int | None = None
+    """Tasks (ranks) per node. Leave unset: it is gpus_per_node on a GPU cluster, 1 on a CPU cluster
+    unless given here."""
+    gpu_request: Literal["gpus-per-node", "gres"] = "gpus-per-node"
+    """How GPUs are asked for: `--gpus-per-node=N`, or `--gres=gpu:N` for old SLURM versions that reject
+    the former (facebookresearch/mae#119)."""
+    cpus_per_task: int | None = None
+    """CPU cores per task (data-loading workers + 1 is a good start); unset: the partition's default."""
+    mem_gb: int | None = None
+    """Memory per node in GB (`--mem`); unset: the partition's default."""
+    time_min: int = 60
+    """Time limit of one job segment, in minutes. A job that hits it is requeued and resumes from its
+    last checkpoint (at most max_requeues times)."""
+    signal_delay_s: int = 120
+    """Seconds before the time limit at which SLURM signals the job (USR2) so that it can requeue
+    itself. SLURM may send it up to a minute early."""
+    constraint: str | None = None
+    """Node features the job needs (`--constraint`, e.g. "a100|h100")."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run on the first node before the tasks start (module load ..., source venv ...)."""
+    max_requeues: int = 3
+    """How many times a job that reaches its time limit is requeued (pre-emptions do not count)."""
+    folder: str = "runs/slurm/%j"
+    """Folder of submitit's scripts, pickles and logs (`%j` is the job id). Must be on a file system
+    that every node sees."""
+    sbatch: dict[str, Any] = field(default_factory=dict)
+    """Any other sbatch options, as {option: value} (e.g. {exclude: "node7", exclusive: true}); written
+    as `#SBATCH --option=value`."""
+
+    @property
+    def tasks(self) -> int:
+        """Tasks per node: one per GPU, else the file's tasks_per_node, else 1."""
+        if self.gpus_per_node > 0:
+            return self.gpus_per_node
+        return self.tasks_per_node or 1
+
+    def validate(self) -> None:
+        """Cross-field rules; raises ValueError with what to change."""
+        for name in ("nodes", "time_min", "signal_delay_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("tasks_per_node", "cpus_per_task", "mem_gb"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or unset), got {value}")
+        if self.gpus_per_node < 0:
+            raise ValueError(f"gpus_per_node must be 0 (CPU cluster) or more, got {self.gpus_per_node}")
+        if self.max_requeues < 0:
+            raise ValueError(f"max_requeues must be 0 or more, got {self.max_requeues}")
+        if not self.partition.strip():
+            raise ValueError("partition is empty: name the SLURM partition to submit to (`sinfo -s`)")
+        if self.gpus_per_node > 0 and self.tasks_per_node not in (None, self.gpus_per_node):
+            raise ValueError(
+                f"tasks_per_node={self.tasks_per_node} but gpus_per_node={self.gpus_per_node}: one task "
+                "runs per GPU; remove tasks_per_node"
+            )
+        if self.signal_delay_s >= self.time_min * 60:
+            raise ValueError(
+                f"signal_delay_s={self.signal_delay_s} is not below the time limit ({self.time_min} min): "
+                "lower signal_delay_s or raise time_min"
+            )
+        for key in self.sbatch:
+            option = str(key).replace("_", "-")
+            if option in MANAGED_SBATCH:
+                raise ValueError(
+                    f"sbatch.{key}: set this with the cluster file's own key ({MANAGED_SBATCH[option]}), "
+                    "not under sbatch"
+                )
+
+
+def load_cluster(files: Sequence[str | Path], overrides: Sequence[str] = ()) -> ClusterConfig:
+    """The cluster config merged from `files` (in order) and `key=value` overrides, checked.
+
+    Raises ConfigError that names the file and the key (unknown key, missing partition, nodes < 1 ...).
+    """
+    if not files:
+        raise ConfigError("no cluster file: pass one with --cluster configs/cluster/<name>.yaml")
+    try:
+        return load_config(ClusterConfig, files, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"cluster config: {exc}") from None
+
+
+def sbatch_parameters(
+    cluster: ClusterConfig, job_name: str = "ldit", after: str | None = None
+) -> dict[str, Any]:
+    """The parameters of submitit's `SlurmExecutor.update_parameters` for a job on `cluster`.
+
+    `after` is a job id this job waits for and needs to succeed (`--dependency=afterok:<after>`).
+    Only what the cluster file sets is passed, so the partition's defaults apply to the rest.
+    """
+    params: dict[str, Any] = {
+        "job_name": job_name,
+        "partition": cluster.partition,
+        "nodes": cluster.nodes,
+        "ntasks_per_node": cluster.tasks,
+        "time": cluster.time_min,
+        "signal_delay_s": cluster.signal_delay_s,
+    }
+    optional = {
+        "account": cluster.account,
+        "qos": cluster.qos,
+        "cpus_per_task": cluster.cpus_per_task,
+        "constraint": cluster.constraint,
+        "mem": None if cluster.mem_gb is None else f"{cluster.mem_gb}GB",
+        "dependency": None if after is None else f"afterok:{after}",
+    }
+    params.update({k: v for k, v in optional.items() if v is not None})
+    if cluster.gpus_per_node > 0:
+        if cluster.gpu_request == "gres":
+            params["gres"] = f"gpu:{cluster.gpus_per_node}"
+        else:
+            params["gpus_per_node"] = cluster.gpus_per_node
+    if cluster.setup:
+        params["setup"] = list(cluster.setup)
+    if cluster.sbatch:
+        params["additional_parameters"] = dict(cluster.sbatch)
+    return params
+
+
+def make_executor(cluster: ClusterConfig, job_name: str = "ldit", after: str | None = None) -> Any:
+    """A `submitit.SlurmExecutor` for one job on `cluster` (needs `srun`, i.e. a SLURM client).
+
+    Jobs that reach their time limit are requeued at most `cluster.max_requeues` times.
+    """
+    import submitit
+
+    executor = submitit.SlurmExecutor(folder=cluster.folder, max_num_timeout=cluster.max_requeues)
+    executor.update_parameters(**sbatch_parameters(cluster, job_name, after))
+    return executor
+
+
+def describe(cluster: ClusterConfig) -> str:
+    """One line saying what a job on `cluster` asks for, for the submission message."""
+    gpus = f", {cluster.gpus_per_node} GPUs" if cluster.gpus_per_node else ""
+    return (
+        f"{cluster.nodes} node(s) × {cluster.tasks} task(s){gpus}, partition {cluster.partition}, "
+        f"{cluster.time_min} min"
+    )
