@@ -1,6 +1,8 @@
 """`ldit`: run a job of the pipeline in this process, on N local processes, or on SLURM.
 
-    ldit <job> [CONFIG.yaml ...] [key=value ...] [--local N] [--slurm ...]
+    ldit <job> [CONFIG.yaml ...] [key=value ...] [--local N]
+    ldit <job> [CONFIG.yaml ...] [key=value ...] --slurm --cluster CLUSTER.yaml [cluster.key=value ...]
+         [--after JOBID]
 
 The config is loaded and checked before any process starts, so a typo costs a second, not a queue
 wait. Exit codes: 0 done; 2 usage or configuration error (or a job not built yet); 1 the job failed.
@@ -17,10 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from data_prep.manifest import ShardSetError
+from models.weights import PretrainedWeightsError
 from slurm.config import ConfigError, help_text, to_yaml
 from slurm.jobs import JOBS, Job
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+USER_ERRORS = (ConfigError, ShardSetError, PretrainedWeightsError)
+"""Errors about the user's input, reported as one line instead of a traceback."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,7 +55,19 @@ def _parser() -> argparse.ArgumentParser:
         where.add_argument(
             "--local", type=int, metavar="N", default=0, help="run on N processes on this machine"
         )
-        where.add_argument("--slurm", action="store_true", help="submit to SLURM (cluster=<cluster yaml>)")
+        where.add_argument(
+            "--slurm",
+            action="store_true",
+            help="submit to SLURM (with --cluster; cluster.<key>=value args override the cluster file)",
+        )
+        p.add_argument(
+            "--cluster",
+            action="append",
+            default=[],
+            metavar="FILE",
+            help="cluster file (configs/cluster/*.yaml) for --slurm; several are merged in order",
+        )
+        p.add_argument("--after", metavar="JOBID", help="with --slurm: start once job JOBID has succeeded")
     return parser
 
 
@@ -87,6 +105,9 @@ def run_here(job: Job, cfg: Any) -> int:
         if env.rank == 0 and job.name == "train":
             write_run_config(cfg)
         job.function()(cfg)
+    except USER_ERRORS as exc:  # bad input: its message says what to do; a traceback would bury it
+        print(f"ldit {job.name}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         shutdown()
     return EXIT_OK
@@ -133,8 +154,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     job = JOBS[ns.job]
     files, overrides = split_args(ns.args)
+    cluster_overrides = [o.removeprefix("cluster.") for o in overrides if o.startswith("cluster.")]
+    overrides = [o for o in overrides if not o.startswith("cluster.")]
+    if not ns.slurm and (ns.cluster or ns.after or cluster_overrides):
+        print(f"ldit {job.name}: --cluster, --after and cluster.<key>=... need --slurm", file=sys.stderr)
+        return EXIT_USAGE
     try:
         cfg = job.load(files, overrides)
+        if ns.slurm:
+            from slurm.cluster import load_cluster
+            from slurm.submit import check_job_id
+
+            cluster = load_cluster(ns.cluster, cluster_overrides)
+            if ns.after is not None:
+                check_job_id(ns.after)
     except ConfigError as exc:
         print(f"ldit {job.name}: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -142,8 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ldit {job.name}: not built yet (issue #{job.issue}); the config is valid.", file=sys.stderr)
         return EXIT_USAGE
     if ns.slurm:
-        print(f"ldit {job.name}: --slurm is not built yet (issue #8)", file=sys.stderr)
-        return EXIT_USAGE
+        from slurm.submit import submission_message, submit
+
+        sjob = submit(job, files, overrides, cluster, after=ns.after)
+        print(submission_message(sjob, cluster, ns.after), flush=True)
+        return EXIT_OK
     if ns.local:
         if ns.local < 1:
             print(f"ldit {job.name}: --local needs a positive process count, got {ns.local}", file=sys.stderr)

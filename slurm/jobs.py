@@ -97,7 +97,12 @@ def _peek_kind(files: Sequence[str], overrides: Sequence[str]) -> str | None:
 JOBS: dict[str, Job] = {
     job.name: job
     for job in [
-        Job("prep-images", "ImageNet-style folder → image shard set", {"": PrepImagesConfig}, issue=6),
+        Job(
+            "prep-images",
+            "ImageNet-style folder → image shard set",
+            {"": PrepImagesConfig},
+            "data_prep.prep_images:run",
+        ),
         Job(
             "extract-latents",
             "image shard set + VA-VAE → latent shard set",

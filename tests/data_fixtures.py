@@ -1,0 +1,77 @@
+"""Small shard sets and ImageNet-style folders made on the fly for the data tests."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data_prep.manifest import ClassInfo, LatentInfo, Manifest
+from data_prep.shards import encode_npy, write_shard
+
+
+def jpeg_bytes(rng: np.random.Generator, size=(40, 30), mode="RGB") -> bytes:
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    im = Image.fromarray(arr).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def png_bytes(rng: np.random.Generator, size=(40, 30)) -> bytes:
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def imagenet_folder(root: Path, classes=("n01440764", "n01443537", "n99999999"), per_class=6, seed=0) -> Path:
+    """Good RGB JPEGs, plus one of each oddity ImageNet has (and some it should not)."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            (root / c / f"{c}_{i}.JPEG").write_bytes(jpeg_bytes(rng, size=(40 + 4 * i, 30 + 2 * i)))
+    a, b = root / classes[0], root / classes[1]
+    (a / "cmyk.JPEG").write_bytes(jpeg_bytes(rng, mode="CMYK"))
+    (a / "grey.JPEG").write_bytes(jpeg_bytes(rng, mode="L"))
+    (b / "png_in_disguise.JPEG").write_bytes(png_bytes(rng))
+    good = jpeg_bytes(rng, size=(64, 64))
+    (b / "truncated.JPEG").write_bytes(good[: len(good) // 2])
+    (b / "garbage.JPEG").write_bytes(rng.integers(0, 256, 500, dtype=np.uint8).tobytes())
+    (b / "empty.JPEG").write_bytes(b"")
+    (b / "notes.txt").write_text("not an image")
+    return root
+
+
+def latent_set(
+    folder: Path, sizes=(7, 5, 9, 6, 8, 4, 7, 10, 3, 5, 6, 8), shape=(4, 2, 2), classes=3, seed=0
+) -> Manifest:
+    """A latent shard set whose sample n has key s{n:04d}, class n % classes, latent filled with n."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, n = [], 0
+    for i, count in enumerate(sizes):
+        samples = []
+        for _ in range(count):
+            a = np.full(shape, n, dtype=np.float32)
+            a[0, 0, 0] = -n  # makes the flip visible
+            samples.append(
+                {
+                    "__key__": f"s{n:04d}",
+                    "latent.npy": encode_npy(a),
+                    "latent_flip.npy": encode_npy(a[..., ::-1]),
+                    "cls": str(n % classes).encode(),
+                }
+            )
+            n += 1
+        shards.append(write_shard(folder / f"shard-{i:06d}.tar", samples))
+    m = Manifest(
+        "latents",
+        shards,
+        [ClassInfo(f"c{i}", i, f"c{i}") for i in range(classes)],
+        latent=LatentInfo(shape, "float32", (0.0,) * shape[0], (1.0,) * shape[0]),
+    )
+    m.save(folder)
+    return m

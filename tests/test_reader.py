@@ -1,0 +1,193 @@
+"""The stream reader's invariants (DESIGN.md "The stream reader"), with real processes and workers."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.manifest import ShardSetError, load_manifest
+from data_prep.reader import StreamPlan, StreamReader, latent_decoder, open_shard_set
+from data_prep.shards import encode_npy, read_shard, write_shard
+from slurm.cli import run_local
+from tests.conftest import WORKERS, clean_env, read_ranks
+from tests.data_fixtures import latent_set
+
+B, V, SEED, STEPS = 12, 4, 5, 14  # 14 steps × 12 = 168 samples: past the first epoch (79 samples) twice
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("latents")
+    latent_set(folder)
+    return folder
+
+
+def baseline(folder, start=0, steps=STEPS):
+    """World size 1, no workers, in this process: {step: sorted keys}."""
+    m = load_manifest(folder)
+    reader = StreamReader(
+        folder, m, seed=SEED, global_batch=B, streams=V, rank=0, world_size=1, decode=latent_decoder(SEED)
+    )
+    out = {}
+    for batch in reader.batches(start):
+        out[batch.step] = sorted(batch.keys)
+        if len(out) == steps:
+            return out
+
+
+def run_world(folder, out, world, workers, start=0, steps=STEPS, monkeypatch=None):
+    out.mkdir()
+    cmd = [
+        sys.executable,
+        str(WORKERS / "reader_keys.py"),
+        str(folder),
+        str(out),
+        str(start),
+        str(steps),
+        str(workers),
+        str(B),
+        str(V),
+    ]
+    for k, v in clean_env().items():
+        monkeypatch.setenv(k, v)
+    assert run_local(cmd, world) == 0
+    ranks = read_ranks(out, world)
+    assert len({len(r) for r in ranks}) == 1, "every rank got the same number of batches"
+    assert {r[str(start)]["size"] for r in ranks} == {B // world}
+    return {int(k): sorted(key for r in ranks for key in r[k]["keys"]) for k in ranks[0]}
+
+
+def test_global_batches_do_not_depend_on_world_size_or_workers(shard_set, tmp_path, monkeypatch):
+    ref = baseline(shard_set)
+    assert all(len(keys) == B for keys in ref.values())
+    for world, workers in [(2, 2), (4, 1), (1, 2)]:
+        got = run_world(shard_set, tmp_path / f"w{world}-{workers}", world, workers, monkeypatch=monkeypatch)
+        assert got == ref, f"world {world}, workers {workers}"
+
+
+def test_resume_at_another_world_size_continues_exactly(shard_set, tmp_path, monkeypatch):
+    ref = baseline(shard_set)
+    got = run_world(shard_set, tmp_path / "resume", 2, 0, start=9, steps=5, monkeypatch=monkeypatch)
+    assert got == {k: ref[k] for k in range(9, 14)}
+
+
+def test_each_sample_once_per_epoch_of_its_stream(shard_set):
+    m = load_manifest(shard_set)
+    plan = StreamPlan(m.counts, SEED, B, V)
+    for v in range(V):
+        for epoch in range(3):
+            length = plan.epoch_length(v, epoch)
+            start = sum(plan.epoch_length(v, e) for e in range(epoch))
+            it = plan.stream(v, 0)
+            refs = [next(it) for _ in range(start + length)][start:]
+            assert {r.epoch for r in refs} == {epoch}
+            expected = {(int(s), i) for s in plan.stream_shards(v, epoch) for i in range(m.counts[s])}
+            assert [(r.shard, r.index) for r in refs] != sorted(expected)  # shuffled inside shards …
+            assert Counter((r.shard, r.index) for r in refs) == Counter(expected)  # … each exactly once
+    # every shard belongs to exactly one stream in each epoch
+    for epoch in range(3):
+        dealt = sorted(int(s) for v in range(V) for s in plan.stream_shards(v, epoch))
+        assert dealt == list(range(len(m.counts)))
+
+
+def test_seek_equals_reading_from_the_start(shard_set):
+    m = load_manifest(shard_set)
+    plan = StreamPlan(m.counts, SEED, B, V)
+    for v in range(V):
+        it = plan.stream(v, 0)
+        full = [next(it) for _ in range(40 * plan.per_stream)]
+        for k in (1, 7, 13, 26, 39):
+            it = plan.stream(v, k)
+            assert [next(it) for _ in range(plan.per_stream)] == full[
+                k * plan.per_stream : (k + 1) * plan.per_stream
+            ]
+
+
+def test_flip_choice_and_normalisation(shard_set):
+    m = load_manifest(shard_set)
+    mean, std = (1.0, 2.0, 3.0, 4.0), (2.0, 2.0, 2.0, 2.0)
+    decode = latent_decoder(SEED, mean, std)
+    plan = StreamPlan(m.counts, SEED, B, V)
+    flips = 0
+    samples = read_shard(str(shard_set / m.shards[2].name))
+    for ref in (r for r in plan.batch_refs(0) + plan.batch_refs(1) + plan.batch_refs(2)):
+        if ref[1].shard != 2:
+            continue
+        sample = samples[ref[1].index]
+        n = int(sample["__key__"][1:])
+        x, y = decode(sample, ref[1])
+        raw = x * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+        assert y == n % 3 and raw[1, 0, 0] == n
+        flipped = raw[0, 0, 1].item() == -n  # the marked corner moved
+        assert flipped or raw[0, 0, 0].item() == -n
+        flips += flipped
+        x2, _ = decode(sample, ref[1])
+        assert torch.equal(x, x2)  # the choice is a function of (seed, epoch, shard, index)
+    assert flips > 0
+
+
+def test_bad_shard_sets_fail_before_reading(shard_set, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(shard_set, folder)
+    m = load_manifest(folder)
+    assert open_shard_set(folder, "latents", hashes=True).total == m.total
+    with pytest.raises(ShardSetError, match=f"{folder} holds latents, but this job reads images"):
+        open_shard_set(folder, "images")
+    # same size, other bytes: only the sha256 check sees it
+    victim = folder / m.shards[3].name
+    data = bytearray(victim.read_bytes())
+    data[1000] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    open_shard_set(folder, "latents")  # sizes agree
+    with pytest.raises(
+        ShardSetError, match=rf"shard {victim}: sha256 .*manifest says .*\(contents changed\)"
+    ):
+        open_shard_set(folder, "latents", hashes=True)
+    (folder / m.shards[5].name).write_bytes(b"short")
+    (folder / m.shards[7].name).unlink()
+    with pytest.raises(ShardSetError) as err:
+        open_shard_set(folder, "latents")
+    msg = str(err.value)
+    assert msg.startswith(f"2 shard(s) of {folder} do not match the manifest:")
+    assert f"shard {folder / m.shards[5].name}: size 5 bytes, manifest says {m.shards[5].bytes}" in msg
+    assert f"shard {folder / m.shards[7].name}: missing" in msg
+    with pytest.raises(ShardSetError, match=f"{tmp_path}: no manifest.json"):
+        open_shard_set(tmp_path, "latents")
+
+
+def test_count_mismatch_and_pickles_are_refused(tmp_path):
+    a = encode_npy(np.zeros((1, 1, 1), np.float32))
+    info = write_shard(
+        tmp_path / "s.tar",
+        [{"__key__": f"k{i}", "latent.npy": a, "latent_flip.npy": a, "cls": b"0"} for i in range(3)],
+    )
+    with pytest.raises(ShardSetError, match=f"shard {tmp_path / 's.tar'}: holds 3 samples, manifest says 4"):
+        read_shard(str(tmp_path / "s.tar"), 4)
+    import io
+    import tarfile
+
+    with tarfile.open(tmp_path / "evil.tar", "w") as tf:
+        payload = b"\x80\x04K\x01."
+        ti = tarfile.TarInfo("k0.pickle")
+        ti.size = len(payload)
+        tf.addfile(ti, io.BytesIO(payload))
+    with pytest.raises(
+        ShardSetError,
+        match=r"sample k0 has member\(s\) \['pickle'\]; the reader only decodes .* and never unpickles",
+    ):
+        read_shard(str(tmp_path / "evil.tar"))
+    assert info.count == 3
+
+
+def test_plan_rejects_impossible_settings():
+    with pytest.raises(ShardSetError, match="streams=5 must divide the global batch 12"):
+        StreamPlan((3,) * 8, 0, 12, 5)
+    with pytest.raises(ShardSetError, match="the shard set has 3 shards, fewer than the 4 streams"):
+        StreamPlan((3,) * 3, 0, 12, 4)
+    with pytest.raises(ShardSetError, match="world size 3 must divide the stream count 4"):
+        StreamPlan((3,) * 8, 0, 12, 4).rank_streams(0, 3)
