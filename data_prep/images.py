@@ -61,7 +61,7 @@ def inspect_image(data: bytes, filename: str) -> ImageCheck:
     return ImageCheck(STORED_FORMATS[fmt], size, note)
 
 
-def decode_rgb(data: bytes) -> Image.Image:
+def decode_rgb(data: bytes | memoryview) -> Image.Image:
     """The image as 8-bit RGB (CMYK, greyscale, palette and alpha images converted)."""
     with Image.open(io.BytesIO(data)) as im:
         return im.convert("RGB")

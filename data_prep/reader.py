@@ -120,8 +120,9 @@ class StreamPlan:
         return out
 
 
-Decode = Callable[[dict[str, bytes], SampleRef], tuple[torch.Tensor, int]]
-"""Raw sample members and where it was read → (tensor, label). Randomness must derive from the ref."""
+Decode = Callable[[list[dict[str, Any]], np.ndarray], tuple[torch.Tensor, torch.Tensor]]
+"""(samples' raw members, their uniforms (n, 2)) → (x (n, …), labels (n,)). A decoder's randomness (flip,
+crop offset) must come from the uniforms, which depend only on (seed, epoch, shard, sample)."""
 
 
 class _Cursor:
@@ -131,16 +132,28 @@ class _Cursor:
         self.plan, self.urls = plan, urls
         self.refs = plan.stream(stream, start_step)
         self.shard, self.samples = -1, []
+        self.drawn, self.uniforms = (-1, -1), np.empty((0, 2))
 
-    def take(self, n: int) -> list[tuple[dict[str, bytes], SampleRef]]:
-        out = []
+    def take(self, n: int) -> tuple[list[dict[str, Any]], np.ndarray]:
+        samples, rows = [], []
         for _ in range(n):
             ref = next(self.refs)
             if ref.shard != self.shard:
                 self.samples = read_shard(self.urls[ref.shard], self.plan.counts[ref.shard])
                 self.shard = ref.shard
-            out.append((self.samples[ref.index], ref))
-        return out
+            if (ref.shard, ref.epoch) != self.drawn:
+                self.uniforms = sample_uniforms(
+                    self.plan.seed, ref.epoch, ref.shard, self.plan.counts[ref.shard]
+                )
+                self.drawn = (ref.shard, ref.epoch)
+            samples.append(self.samples[ref.index])
+            rows.append(self.uniforms[ref.index])
+        return samples, np.stack(rows)
+
+
+def sample_uniforms(seed: int, epoch: int, shard: int, count: int) -> np.ndarray:
+    """(count, 2) uniforms in [0, 1): the own randomness of each sample of a shard in an epoch."""
+    return np.random.default_rng([seed, epoch, shard, 1]).random((count, 2))
 
 
 @dataclass
@@ -175,14 +188,13 @@ class _RankStreams(IterableDataset):
         cursors = [_Cursor(self.plan, self.urls, v, self.start_step) for v in mine]
         step = self.start_step
         while True:
-            xs, ys, keys = [], [], []
+            samples, uniforms = [], []
             for cursor in cursors:
-                for sample, ref in cursor.take(self.plan.per_stream):
-                    x, y = self.decode(sample, ref)
-                    xs.append(x)
-                    ys.append(y)
-                    keys.append(sample["__key__"])
-            yield Batch(step, torch.stack(xs), torch.tensor(ys, dtype=torch.long), keys)
+                s, u = cursor.take(self.plan.per_stream)
+                samples += s
+                uniforms.append(u)
+            x, y = self.decode(samples, np.concatenate(uniforms))
+            yield Batch(step, x, y, [sample["__key__"] for sample in samples])
             step += 1
 
 
@@ -279,46 +291,48 @@ def _url(folder: str | Path, name: str) -> str:
     return str(Path(folder) / name)
 
 
-def seeded_uniforms(ref: SampleRef, seed: int, n: int) -> np.ndarray:
-    """n uniforms in [0, 1) that depend only on (seed, epoch, shard, sample): a sample's own randomness."""
-    return np.random.default_rng([seed, ref.epoch, ref.shard, ref.index, 7]).random(n)
+def latent_decoder() -> Decode:
+    """Decode latent samples: the flipped latent with probability 1/2 (reference §5), in the stored dtype.
 
-
-def latent_decoder(seed: int, mean: Any = None, std: Any = None) -> Decode:
-    """Decode a latent sample: the flipped latent with probability 1/2 (reference §5), then
-    (x − mean)/std per channel when mean and std are given (the manifest's statistics)."""
+    Normalisation is left to the consumer on its device (:func:`normalize_latents`): fp16 latents
+    cross to the GPU at half the bytes, and the GPU does the arithmetic for free.
+    """
     from data_prep.shards import decode_npy
 
-    m = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    s = None if std is None else torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-
-    def decode(sample: dict[str, bytes], ref: SampleRef) -> tuple[torch.Tensor, int]:
-        flip = seeded_uniforms(ref, seed, 1)[0] < 0.5
-        x = torch.from_numpy(
-            decode_npy(sample["latent_flip.npy" if flip else "latent.npy"]).astype(np.float32)
-        )
-        if m is not None:
-            x = (x - m) / s
-        return x, int(sample["cls"])
+    def decode(samples: list[dict[str, Any]], uniforms: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        flips = uniforms[:, 0] < 0.5
+        arrays = [decode_npy(x["latent_flip.npy" if f else "latent.npy"]) for x, f in zip(samples, flips)]
+        x = torch.from_numpy(np.stack(arrays))  # (n, C, H, W)
+        return x, torch.tensor([int(bytes(x["cls"])) for x in samples], dtype=torch.long)
 
     return decode
 
 
-def image_decoder(seed: int, size: int, crop: str) -> Decode:
-    """Decode an image sample to (3, size, size) in [-1, 1]: `random` crop (VA-VAE training, §1.4) or
+def normalize_latents(x: torch.Tensor, mean: Any, std: Any) -> torch.Tensor:
+    """(x − mean_c) / std_c per channel in fp32 (reference §5: the manifest's statistics, multiplier 1)."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x.float() - m) / s
+
+
+def image_decoder(size: int, crop: str) -> Decode:
+    """Decode image samples to (n, 3, size, size) in [-1, 1]: `random` crop (VA-VAE training, §1.4) or
     `center` (ADM center crop, §5)."""
     from data_prep.images import center_crop_adm, decode_rgb, random_crop, to_tensor
 
     if crop not in ("random", "center"):
         raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
 
-    def decode(sample: dict[str, bytes], ref: SampleRef) -> tuple[torch.Tensor, int]:
-        pil = decode_rgb(sample["jpg"] if "jpg" in sample else sample["png"])
-        if crop == "center":
-            pil = center_crop_adm(pil, size)
-        else:
-            u = seeded_uniforms(ref, seed, 2)
-            pil = random_crop(pil, size, (float(u[0]), float(u[1])))
-        return to_tensor(pil), int(sample["cls"])
+    def decode(samples: list[dict[str, Any]], uniforms: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = []
+        for sample, u in zip(samples, uniforms):
+            pil = decode_rgb(sample["jpg"] if "jpg" in sample else sample["png"])
+            pil = (
+                center_crop_adm(pil, size)
+                if crop == "center"
+                else random_crop(pil, size, (float(u[0]), float(u[1])))
+            )
+            xs.append(to_tensor(pil))
+        return torch.stack(xs), torch.tensor([int(bytes(x["cls"])) for x in samples], dtype=torch.long)
 
     return decode

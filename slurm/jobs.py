@@ -107,7 +107,7 @@ JOBS: dict[str, Job] = {
             "extract-latents",
             "image shard set + VA-VAE → latent shard set",
             {"": ExtractLatentsConfig},
-            issue=6,
+            "data_prep.extract_latents:run",
         ),
         Job("ref-stats", "image shard set → FID reference statistics (.npz)", {"": RefStatsConfig}, issue=9),
         Job("train", "train a LightningDiT (kind=dit) or a VA-VAE (kind=vavae)", dict(TRAIN_KINDS), issue=7),

@@ -24,7 +24,7 @@ reader = StreamReader(
     streams=streams,
     rank=dist.get_rank(),
     world_size=dist.get_world_size(),
-    decode=latent_decoder(5),
+    decode=latent_decoder(),
     workers=workers,
 )
 steps = {}

@@ -1,0 +1,128 @@
+"""`ldit extract-latents`: posterior samples of every image and its flip, independent of the world size,
+resumable, with the manifest's per-channel statistics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.extract_latents import sample_noise_seed, stats_subset
+from data_prep.images import center_crop_adm, decode_rgb, to_tensor
+from data_prep.manifest import load_manifest
+from data_prep.shards import decode_npy, read_shard
+from models.export import save_export
+from models.vavae import AutoencoderKL, autoencoder_args
+from tests.conftest import ROOT, clean_env
+from tests.data_fixtures import imagenet_folder
+
+
+def ldit(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "slurm.cli", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("extract")
+    src = imagenet_folder(tmp / "src", per_class=4)
+    proc = ldit("prep-images", f"src={src}", f"out={tmp / 'images'}", "shard_samples=3")
+    assert proc.returncode == 0, proc.stderr
+    torch.manual_seed(0)
+    vae = AutoencoderKL(autoencoder_args("small"))
+    save_export(tmp / "vavae", vae)
+    return tmp, vae
+
+
+def extract(tmp, out, *extra):
+    args = [
+        "extract-latents",
+        f"images={tmp / 'images'}",
+        f"vavae={tmp / 'vavae'}",
+        f"out={out}",
+        "image_size=32",
+        "batch_size=2",
+        "stats_samples=9",
+        *extra,
+    ]
+    proc = ldit(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_world_size_does_not_change_the_latents(inputs):
+    tmp, _ = inputs
+    extract(tmp, tmp / "one")
+    extract(tmp, tmp / "two", "--local", "2")
+    one, two = load_manifest(tmp / "one", "latents"), load_manifest(tmp / "two", "latents")
+    assert [s.sha256 for s in one.shards] == [s.sha256 for s in two.shards]
+    assert one.latent == two.latent and one.latent.shape == (32, 4, 4) and one.latent.dtype == "float16"
+    images = load_manifest(tmp / "images")
+    assert one.counts == images.counts and one.classes == images.classes
+    assert one.producer["vavae_sha256"] and one.producer["job"] == "extract-latents"
+
+
+def test_latents_are_posterior_samples_of_image_and_flip(inputs):
+    tmp, vae = inputs
+    m = load_manifest(tmp / "one")
+    img_samples = read_shard(str(tmp / "images" / m.shards[1].name))
+    lat_samples = read_shard(str(tmp / "one" / m.shards[1].name))
+    assert [s["__key__"] for s in img_samples] == [s["__key__"] for s in lat_samples]
+    s = img_samples[0]
+    x = to_tensor(center_crop_adm(decode_rgb(s.get("jpg") or s["png"]), 32))[None]
+    with torch.no_grad():
+        for name, image, salt in (("latent.npy", x, ""), ("latent_flip.npy", x.flip(-1), "/flip")):
+            post = vae.encode(image)
+            eps = torch.randn(
+                (32, 4, 4), generator=torch.Generator().manual_seed(sample_noise_seed(0, s["__key__"] + salt))
+            )
+            expected = (post.mean + post.std * eps)[0].numpy().astype(np.float16)
+            stored = decode_npy(lat_samples[0][name])
+            assert stored.dtype == np.float16
+            np.testing.assert_allclose(
+                stored.astype(np.float32), expected.astype(np.float32), rtol=1e-2, atol=2e-3
+            )
+    assert lat_samples[0]["cls"] == s["cls"]
+
+
+def test_statistics_are_over_the_seeded_subset(inputs):
+    tmp, _ = inputs
+    m = load_manifest(tmp / "one")
+    lat = np.concatenate(
+        [
+            np.stack([decode_npy(s["latent.npy"]) for s in read_shard(str(tmp / "one" / sh.name))])
+            for sh in m.shards
+        ]
+    ).astype(np.float64)
+    chosen = lat[stats_subset(m.total, 9, 0)]  # (9, 32, 4, 4)
+    t = torch.from_numpy(chosen).permute(1, 0, 2, 3).reshape(32, -1)
+    np.testing.assert_allclose(m.latent.mean, t.mean(1).numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(m.latent.std, t.std(1).numpy(), rtol=1e-9)  # unbiased, as the reference
+
+
+def test_rerun_skips_finished_shards_and_redoes_damaged_ones(inputs):
+    tmp, _ = inputs
+    out = tmp / "resume"
+    extract(tmp, out)
+    first = load_manifest(out)
+    (out / "manifest.json").unlink()  # as if the job died before writing the manifest …
+    (out / first.shards[2].name).write_bytes(b"damaged")  # … with one shard damaged
+    stdout = extract(tmp, out)
+    assert f"skipped {len(first.shards) - 1} finished shard(s)" in stdout
+    assert load_manifest(out).to_json() == first.to_json()
+    records = sorted(p.name for p in (out / ".parts").iterdir())
+    assert records == sorted(f"{s.name}.json" for s in first.shards)
+    assert json.loads((out / ".parts" / records[0]).read_text())["info"]["name"] == first.shards[0].name
+
+
+def test_refuses_to_overwrite_and_names_missing_inputs(inputs):
+    tmp, _ = inputs
+    proc = ldit("extract-latents", f"images={tmp / 'images'}", f"vavae={tmp / 'vavae'}", f"out={tmp / 'one'}")
+    assert proc.returncode == 1 and "already holds a finished shard set" in proc.stderr
+    proc = ldit("extract-latents", f"images={tmp / 'nope'}", f"vavae={tmp / 'vavae'}", f"out={tmp / 'x'}")
+    assert proc.returncode == 1 and f"{tmp / 'nope'}: no manifest.json" in proc.stderr
