@@ -151,7 +151,12 @@ def _without_local(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ns = _parser().parse_args(argv)
+    parser = _parser()
+    # Config files and overrides may also follow the options (`--slurm --cluster c.yaml cluster.nodes=4`).
+    ns, extra = parser.parse_known_args(argv)
+    if any(a.startswith("-") for a in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    ns.args += extra
     job = JOBS[ns.job]
     files, overrides = split_args(ns.args)
     cluster_overrides = [o.removeprefix("cluster.") for o in overrides if o.startswith("cluster.")]

@@ -46,6 +46,10 @@ MANAGED_SBATCH = {
     "error": "folder",
 }
 
+# slurmctld checks time limits every 30 s (PERIODIC_TIMEOUT) and signals a job once it is within
+# signal delay + 30 s of its limit: measured on the test cluster (tests/test_slurm.py).
+SIGNAL_SLACK_S = 30
+
 
 @dataclass
 class ClusterConfig:
@@ -76,7 +80,8 @@ class ClusterConfig:
     last checkpoint (at most max_requeues times)."""
     signal_delay_s: int = 120
     """Seconds before the time limit at which SLURM signals the job (USR2) so that it can requeue
-    itself. SLURM may send it up to a minute early."""
+    itself; it must cover a step and the write of a periodic checkpoint. slurmctld checks time limits
+    every 30 s and may send the signal up to that much earlier."""
     constraint: str | None = None
     """Node features the job needs (`--constraint`, e.g. "a100|h100")."""
     setup: list[str] = field(default_factory=list)
@@ -117,10 +122,11 @@ class ClusterConfig:
                 f"tasks_per_node={self.tasks_per_node} but gpus_per_node={self.gpus_per_node}: one task "
                 "runs per GPU; remove tasks_per_node"
             )
-        if self.signal_delay_s >= self.time_min * 60:
+        if self.signal_delay_s + SIGNAL_SLACK_S >= self.time_min * 60:
             raise ValueError(
-                f"signal_delay_s={self.signal_delay_s} is not below the time limit ({self.time_min} min): "
-                "lower signal_delay_s or raise time_min"
+                f"signal_delay_s={self.signal_delay_s} (+ up to {SIGNAL_SLACK_S} s early) reaches back to the "
+                f"start of a {self.time_min} min job, which SLURM would signal before it can handle "
+                "it: lower signal_delay_s or raise time_min"
             )
         for key in self.sbatch:
             option = str(key).replace("_", "-")

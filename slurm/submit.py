@@ -1,0 +1,91 @@
+"""Submit an `ldit` job to SLURM through submitit (DESIGN.md "Launch").
+
+    ldit <job> CONFIG.yaml key=value --slurm --cluster configs/cluster/<name>.yaml [cluster.nodes=4]
+         [--after JOBID]
+
+What runs where:
+
+- here (the login node, or a job that submits another): the job's config is checked by the CLI, the
+  cluster file is turned into a `SlurmExecutor` (:mod:`slurm.cluster`), and :func:`submit` pickles a
+  :class:`JobTask` with the job, its config files (as absolute paths) and overrides. The submission
+  happens inside `submitit.helpers.clean_env()`, so a job submitted from inside a SLURM job does not
+  inherit that job's `SLURM_*` (gres, memory) or rendezvous variables.
+- on every task: :class:`JobTask` loads the config again and runs the job exactly as `ldit` does
+  locally (:func:`slurm.cli.run_here`): :func:`slurm.env.init_distributed` reads the SLURM variables,
+  exports the torchrun ones DeepSpeed needs and starts the process group; the job's function runs;
+  the process group is shut down. We do not use submitit's `TorchDistributedEnvironment().export()`:
+  its default `CUDA_VISIBLE_DEVICES=<local rank>` breaks DeepSpeed's `set_device(local_rank)`
+  (ecosystem §2.3), and the launcher module is the one place that reads the environment (STYLE.md 9).
+
+Time limits and pre-emption: SLURM sends USR2 `signal_delay_s` before the limit; submitit's handler on
+rank 0 calls :meth:`JobTask.checkpoint`, which resubmits the same call, and requeues the job (same job
+id). The job's own periodic checkpoints and resume-by-default (STYLE.md 7) make the requeued run
+continue: saving on the signal is not possible here, as rank 0's handler cannot run a collective save.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from slurm.cluster import ClusterConfig, describe, make_executor
+from slurm.config import ConfigError
+from slurm.jobs import Job
+
+
+class JobTask(submitit.helpers.Checkpointable):
+    """The callable submitit runs on every task of a job: one rank of `ldit <job> <files> <overrides>`.
+
+    Being Checkpointable, it is requeued after a time limit or pre-emption; the inherited
+    `checkpoint()` resubmits the same call (same job, files and overrides).
+    """
+
+    def __call__(self, job: Job, files: Sequence[str], overrides: Sequence[str]) -> None:
+        from slurm.cli import EXIT_OK, run_here  # the same path as a local run; imported here: a cycle
+
+        code = run_here(job, job.load(files, overrides))
+        if code != EXIT_OK:  # run_here printed why (bad input); SLURM must record the job as failed
+            raise RuntimeError(f"ldit {job.name} exited with code {code}; the reason is in this task's log")
+
+
+def check_job_id(after: str) -> str:
+    """`after` if it is a SLURM job id (`123`, or `123_4` for an array task); else ConfigError."""
+    if not re.fullmatch(r"\d+(_\d+)?", after):
+        raise ConfigError(f"--after {after!r}: not a SLURM job id (e.g. 12345)")
+    return after
+
+
+def submit(
+    job: Job,
+    files: Sequence[str | Path],
+    overrides: Sequence[str],
+    cluster: ClusterConfig,
+    after: str | None = None,
+) -> submitit.Job:
+    """Submit `ldit <job> <files> <overrides>` to the cluster; returns submitit's job handle.
+
+    With `after`, the job starts only once job `after` has completed successfully (`afterok`); if
+    that job fails, this one stays pending with reason DependencyNeverSatisfied and never runs.
+    The job's name is `ldit-<job>`.
+    """
+    if after is not None:
+        check_job_id(after)
+    paths = [str(Path(f).resolve()) for f in files]  # the job may start in another working directory
+    executor = make_executor(cluster, job_name=f"ldit-{job.name}", after=after)
+    with submitit.helpers.clean_env():
+        return executor.submit(JobTask(), job, paths, list(overrides))
+
+
+def submission_message(sjob: Any, cluster: ClusterConfig, after: str | None = None) -> str:
+    """What `ldit ... --slurm` prints: the job id, what it asked for and where its logs are."""
+    wait = f", after job {after} succeeds" if after else ""
+    stdout = sjob.paths.stdout
+    return (
+        f"submitted SLURM job {sjob.job_id} ({sjob.paths.folder}): {describe(cluster)}{wait}\n"
+        f"  logs: {stdout} (rank 0; other ranks: {stdout.name.replace('_0_', '_<rank>_')}, and .err)\n"
+        f"  state: squeue -j {sjob.job_id}   cancel: scancel {sjob.job_id}"
+    )

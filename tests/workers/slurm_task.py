@@ -1,0 +1,62 @@
+"""A job for the SLURM tests, run through `slurm.submit` like any `ldit` job (one config, every rank).
+
+`mode=allreduce`: all-reduce (rank + 1), write <out>/rank<r>.json with what the rank saw.
+`mode=fail`: raise (the parent of an `afterok` chain that must never run its child).
+`mode=slow_first_run`: append a line to <out>/runs.txt (rank 0), then on the first run sleep past the
+time limit, so that SLURM's signal requeues the job; later runs finish at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from omegaconf import MISSING
+
+
+@dataclass
+class SlurmTaskConfig:
+    out: str = MISSING
+    """Folder the ranks write to."""
+    mode: Literal["allreduce", "fail", "slow_first_run"] = "allreduce"
+    """What the job does (see the module docstring)."""
+    sleep_s: float = 300.0
+    """How long the first run of mode=slow_first_run sleeps (longer than the time limit)."""
+
+
+def main(cfg: SlurmTaskConfig) -> None:
+    out, rank = Path(cfg.out), dist.get_rank()
+    if cfg.mode == "fail":
+        raise RuntimeError("this job fails on purpose")
+    if cfg.mode == "slow_first_run":
+        runs = out / "runs.txt"
+        dist.barrier()
+        first = not runs.exists()
+        dist.barrier()
+        if rank == 0:
+            with runs.open("a") as f:
+                f.write(f"run {os.environ.get('SLURM_RESTART_COUNT', '0')} at {time.time():.1f}\n")
+        if first:
+            time.sleep(cfg.sleep_s)
+        return
+    x = torch.tensor([float(rank + 1)])
+    dist.all_reduce(x)
+    (out / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "rank": rank,
+                "world_size": dist.get_world_size(),
+                "backend": dist.get_backend(),
+                "all_reduce": x.item(),
+                "local_rank": int(os.environ["LOCAL_RANK"]),  # exported by slurm.env.init_distributed
+                "master_addr": os.environ["MASTER_ADDR"],
+                "node": os.environ["SLURMD_NODENAME"],  # n1 or n2: which fake node ran the rank
+            }
+        )
+    )
