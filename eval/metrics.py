@@ -217,10 +217,14 @@ def precision_recall(
     Precision = mean over fake x of [∃ real r: ‖x − r‖ ≤ NN_k(r, real)]; recall = the same with the roles
     swapped. NN_k is the k-th nearest neighbour distance within the set, the point itself excluded (ADM's
     ``np.partition(...)[:, k]`` and torch-fidelity's ``kthvalue(k + 1)``). Distances are computed in
-    ``dtype`` (float32 by default, as torch-fidelity's ``torch.cdist`` and the ADM suite's float32 fallback:
-    float64 would make 50k × 50k × 2048 distances ~30× slower on most GPUs) in blocks of ``batch_size`` rows.
+    ``dtype`` in blocks of ``batch_size`` rows, on ``device`` (default: that of ``real`` if it is a tensor,
+    else the CPU). float32 by default, as torch-fidelity's ``torch.cdist``; the ADM suite even computes them
+    in float16 (float32 only if that overflows), and float64 would make the 50k × 50k × 2048 distances of a
+    full evaluation ~30× slower on most GPUs.
     """
-    dev = torch.device("cpu") if device is None else torch.device(device)
+    if device is None:
+        device = real.device if isinstance(real, torch.Tensor) else "cpu"
+    dev = torch.device(device)
     r = torch.as_tensor(real).to(device=dev, dtype=dtype)
     f = torch.as_tensor(fake).to(device=dev, dtype=dtype)
     if r.ndim != 2 or f.ndim != 2 or r.shape[1] != f.shape[1]:
