@@ -164,9 +164,12 @@ class Batch:
     x: torch.Tensor
     y: torch.Tensor
     keys: list[str]
+    positions: torch.Tensor
+    """Each sample's place in the global batch of the step (stream·b + j): the same at any world size,
+    so per-sample randomness keyed on it (noise, t, label dropout) does not depend on the world size."""
 
     def pin_memory(self) -> Batch:
-        return Batch(self.step, self.x.pin_memory(), self.y.pin_memory(), self.keys)
+        return Batch(self.step, self.x.pin_memory(), self.y.pin_memory(), self.keys, self.positions)
 
 
 class _RankStreams(IterableDataset):
@@ -187,14 +190,16 @@ class _RankStreams(IterableDataset):
         mine = self.streams[worker::workers]
         cursors = [_Cursor(self.plan, self.urls, v, self.start_step) for v in mine]
         step = self.start_step
+        b = self.plan.per_stream
+        positions = torch.cat([torch.arange(v * b, (v + 1) * b) for v in mine])
         while True:
             samples, uniforms = [], []
             for cursor in cursors:
-                s, u = cursor.take(self.plan.per_stream)
+                s, u = cursor.take(b)
                 samples += s
                 uniforms.append(u)
             x, y = self.decode(samples, np.concatenate(uniforms))
-            yield Batch(step, x, y, [sample["__key__"] for sample in samples])
+            yield Batch(step, x, y, [sample["__key__"] for sample in samples], positions)
             step += 1
 
 
@@ -254,16 +259,14 @@ class StreamReader:
             rows = [None] * len(self.streams)
             for w, p in enumerate(parts):
                 for j, v in enumerate(owner[w]):
-                    rows[position[v]] = (
-                        p.x[j * b : (j + 1) * b],
-                        p.y[j * b : (j + 1) * b],
-                        p.keys[j * b : (j + 1) * b],
-                    )
+                    sl = slice(j * b, (j + 1) * b)
+                    rows[position[v]] = (p.x[sl], p.y[sl], p.keys[sl], p.positions[sl])
             yield Batch(
                 parts[0].step,
                 torch.cat([r[0] for r in rows]),
                 torch.cat([r[1] for r in rows]),
                 [k for r in rows for k in r[2]],
+                torch.cat([r[3] for r in rows]),
             )
             parts = []
 

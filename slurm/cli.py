@@ -23,6 +23,7 @@ from data_prep.manifest import ShardSetError
 from models.weights import PretrainedWeightsError
 from slurm.config import ConfigError, help_text, to_yaml
 from slurm.jobs import JOBS, Job
+from trainer.common import StopRequested
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 USER_ERRORS = (ConfigError, ShardSetError, PretrainedWeightsError)
@@ -108,6 +109,9 @@ def run_here(job: Job, cfg: Any) -> int:
     except USER_ERRORS as exc:  # bad input: its message says what to do; a traceback would bury it
         print(f"ldit {job.name}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except StopRequested as exc:
+        print(f"ldit {job.name}: {exc}; exit {exc.exit_code} asks to be requeued", file=sys.stderr)
+        return exc.exit_code
     finally:
         shutdown()
     return EXIT_OK

@@ -110,7 +110,12 @@ JOBS: dict[str, Job] = {
             "data_prep.extract_latents:run",
         ),
         Job("ref-stats", "image shard set → FID reference statistics (.npz)", {"": RefStatsConfig}, issue=9),
-        Job("train", "train a LightningDiT (kind=dit) or a VA-VAE (kind=vavae)", dict(TRAIN_KINDS), issue=7),
+        Job(
+            "train",
+            "train a LightningDiT (kind=dit) or a VA-VAE (kind=vavae)",
+            dict(TRAIN_KINDS),
+            "trainer.train:run",
+        ),
         Job(
             "eval",
             "sample + FID of a DiT run, or reconstruction metrics of a VA-VAE run",
@@ -121,7 +126,7 @@ JOBS: dict[str, Job] = {
             "export",
             "EMA weights of a checkpoint, with the reference's key names",
             {"": ExportConfig},
-            issue=7,
+            "trainer.export:run",
         ),
         Job(
             "sweep", "scaling study: one SLURM job per node count, and its report", {"": SweepConfig}, issue=8

@@ -9,6 +9,9 @@ so no fused or CPU-Adam op is compiled either.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
+
+import torch
 
 from models.device import use_gpus
 
@@ -20,3 +23,57 @@ def import_deepspeed() -> ModuleType:
     if not use_gpus():
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
+
+
+def deepspeed_config(
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    world_size: int,
+    dtype: torch.dtype,
+    grad_clip: float,
+    zero_stage: int,
+    load_universal: bool = False,
+) -> dict[str, Any]:
+    """The DeepSpeed JSON of one engine, generated from our config (saved as ds_config.json in the run).
+
+    Clipping is written explicitly (DeepSpeed's default became 1.0 in 0.19.3; the reference does not
+    clip). bf16 keeps fp32 master weights and optimizer state in the ZeRO partitions and skips a step
+    whose gradients are not finite (`check_grad_overflow`).
+    """
+    return {
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage, "overlap_comm": False, "contiguous_gradients": True},
+        "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": True},
+        "checkpoint": {"load_universal": load_universal},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(
+    module: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    warmup_steps: int,
+    ds_config: dict[str, Any],
+) -> Any:
+    """A DeepSpeed engine over `module` with torch's AdamW on `params` (no op to compile) and an
+    optional linear warmup, both saved and restored by DeepSpeed's checkpoints."""
+    deepspeed = import_deepspeed()
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    warmup = max(warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+    )
+    engine, *_ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine

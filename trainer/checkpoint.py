@@ -1,0 +1,232 @@
+"""Checkpoints: the whole training state, written by every rank, published last (STYLE.md 8).
+
+Layout of `<run>/checkpoints/step-00000080/`:
+- `<engine>/`: DeepSpeed's files for each engine (`model` for the DiT; `autoencoder` and
+  `discriminator` for the VA-VAE): module weights, ZeRO optimizer partitions, LR scheduler, step;
+- `ema.safetensors`: the fp32 EMA (rank 0);
+- `rng-rank<r>.pt`: each rank's RNG states (torch, CUDA, numpy, python);
+- `meta.json`: step, samples seen, topology (world size, micro batch, accumulation, ZeRO stage, dtype),
+  the resolved config, and every file of the checkpoint with its size. It is written after every rank
+  finished, so a checkpoint is *complete* when meta.json exists and every file it lists has its size.
+
+`checkpoints/latest` names the newest complete checkpoint; it is replaced atomically after meta.json,
+and old checkpoints are deleted only after that (keep the last K, plus milestones). On load, a
+checkpoint saved at another world size is converted once to DeepSpeed's universal format
+(`<engine>_universal/`) and loaded from there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+META = "meta.json"
+EMA_FILE = "ema.safetensors"
+UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
+"""Saved in DeepSpeed's client state so that ds_to_universal can convert a non-Megatron checkpoint."""
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+def problems(path: Path) -> list[str]:
+    """What is wrong with the checkpoint folder `path` ([] when it is complete)."""
+    meta_path = path / META
+    if not meta_path.is_file():
+        return [f"{path}: no {META} (the save did not finish)"]
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        return [f"{meta_path}: unreadable ({exc})"]
+    out = []
+    for rel, size in meta["files"].items():
+        f = path / rel
+        if not f.is_file():
+            out.append(f"{f}: missing")
+        elif f.stat().st_size != size:
+            out.append(f"{f}: {f.stat().st_size} bytes, {META} says {size} (truncated?)")
+    return out
+
+
+class Checkpointer:
+    """Saves and finds checkpoints of one run directory."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 3, milestone_every: int = 0) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last, self.milestone_every = keep_last, milestone_every
+
+    # ------------------------------------------------------------------------------------ finding
+
+    def complete(self) -> list[Checkpoint]:
+        """Complete checkpoints, oldest first."""
+        out = []
+        for path in sorted(self.root.glob("step-*")):
+            if path.is_dir() and not problems(path):
+                out.append(Checkpoint(path, json.loads((path / META).read_text())))
+        return out
+
+    def latest(self) -> Checkpoint | None:
+        """The checkpoint to resume from: the one `latest` names if complete, else the newest complete one.
+
+        Every skipped candidate is logged with what was wrong with it.
+        """
+        pointer = self.root / LATEST
+        if pointer.is_file():
+            path = self.root / pointer.read_text().strip()
+            bad = problems(path)
+            if not bad:
+                return Checkpoint(path, json.loads((path / META).read_text()))
+            log.warning("checkpoint %s named by %s is not usable: %s", path.name, pointer, "; ".join(bad))
+        for path in sorted(self.root.glob("step-*"), reverse=True):
+            bad = problems(path)
+            if not bad:
+                log.warning("resuming from %s, the newest complete checkpoint", path.name)
+                return Checkpoint(path, json.loads((path / META).read_text()))
+            log.warning("skipping checkpoint %s: %s", path.name, "; ".join(bad))
+        return None
+
+    # ------------------------------------------------------------------------------------- saving
+
+    def save(
+        self,
+        step: int,
+        engines: dict[str, Any],
+        ema_state: dict[str, torch.Tensor] | None,
+        meta: dict[str, Any],
+    ) -> Path:
+        """Write checkpoint `step` (every rank calls this), publish it as `latest`, prune old ones."""
+        from safetensors.torch import save_file
+
+        rank = dist.get_rank()
+        path = self.root / step_name(step)
+        if rank == 0 and path.exists():  # a partial save of this step from an earlier attempt
+            shutil.rmtree(path)
+        dist.barrier()
+        for name, engine in engines.items():
+            engine.save_checkpoint(str(path), tag=name, client_state=dict(UNIVERSAL_INFO), save_latest=False)
+        torch.save(rng_state(), path / f"rng-rank{rank}.pt")
+        if rank == 0 and ema_state is not None:
+            tensors = {k: v.detach().float().cpu().contiguous() for k, v in ema_state.items()}
+            if not all(torch.isfinite(t).all() for t in tensors.values()):
+                raise FloatingPointError(
+                    f"refusing to write checkpoint {path.name}: the EMA weights are not finite"
+                )
+            save_file(tensors, str(path / EMA_FILE))
+        dist.barrier()
+        if rank == 0:
+            files = {
+                str(f.relative_to(path)): f.stat().st_size
+                for f in sorted(path.rglob("*"))
+                if f.is_file() and f.name != "zero_to_fp32.py"
+            }
+            _write_atomic(path / META, json.dumps({**meta, "step": step, "files": files}, indent=1))
+            _write_atomic(self.root / LATEST, path.name)
+            self.prune()
+        dist.barrier()
+        return path
+
+    def prune(self) -> None:
+        """Delete complete checkpoints beyond the last `keep_last`, except milestones and `latest`."""
+        done = self.complete()
+        latest = (self.root / LATEST).read_text().strip() if (self.root / LATEST).is_file() else None
+        for ck in done[: max(len(done) - self.keep_last, 0)]:
+            milestone = self.milestone_every > 0 and ck.step % self.milestone_every == 0
+            if not milestone and ck.path.name != latest:
+                shutil.rmtree(ck.path)
+
+    # ------------------------------------------------------------------------------------ loading
+
+    def load(self, ck: Checkpoint, engines: dict[str, Any]) -> bool:
+        """Load every engine's state from `ck` (every rank calls this); restore RNG at the same world size.
+
+        Returns True when the world size changed (the engines were loaded from universal checkpoints,
+        and RNG states were not restored: randomness that matters is derived from the step).
+        """
+        world, rank = dist.get_world_size(), dist.get_rank()
+        elastic = ck.meta["world_size"] != world
+        for name, engine in engines.items():
+            tag = name
+            if elastic:
+                tag = f"{name}_universal"
+                if rank == 0 and not (ck.path / tag).is_dir():
+                    to_universal(ck.path / name, ck.path / tag)
+                dist.barrier()
+            load_path, _ = engine.load_checkpoint(
+                str(ck.path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            if load_path is None:
+                raise FileNotFoundError(f"DeepSpeed found no checkpoint under {ck.path / tag}")
+        if not elastic:
+            set_rng_state(torch.load(ck.path / f"rng-rank{rank}.pt", weights_only=True))
+        return elastic
+
+
+def to_universal(src: Path, dst: Path) -> None:
+    """DeepSpeed's ds_to_universal: ZeRO partitions of any world size → per-parameter fp32 files."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = SimpleNamespace(
+        input_folder=str(src),
+        output_folder=str(tmp),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
+    ds_to_universal(args)
+    os.replace(tmp, dst)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, as plain tensors and ints (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -1,0 +1,209 @@
+"""What the two training loops share: topology, stop signals, per-sample randomness, metrics, logging.
+
+None of it changes training state; the loops in `trainer/dit.py` and `trainer/vavae.py` read top to
+bottom (STYLE.md 3) and call these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from models.device import compute_dtype, device
+from trainer.config import TrainCommon
+
+EXIT_REQUEUE = 75
+"""Exit status of a run that stopped on a signal after saving: "requeue me" (EX_TEMPFAIL)."""
+
+
+class StopRequested(Exception):
+    """Every rank agreed to stop (a signal arrived); the checkpoint of the current step is saved."""
+
+    exit_code = EXIT_REQUEUE
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss was not finite and the configured policy is to stop."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    """How the global batch is split over ranks and micro-batches (derived, logged, never written back)."""
+
+    world_size: int
+    rank: int
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def local_batch(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "world_size": self.world_size,
+            "global_batch": self.global_batch,
+            "micro_batch": self.micro_batch,
+            "grad_accum": self.grad_accum,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device_type": self.device.type,
+        }
+
+
+def topology(cfg: TrainCommon) -> Topology:
+    """Check the world size against the batch settings and derive the per-rank split."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    b, v = cfg.data.global_batch, cfg.data.streams
+    if v % world:
+        raise ValueError(
+            f"world size {world} must divide data.streams={v} (each rank reads streams r, r+W, …)"
+        )
+    local = b // world
+    micro = cfg.micro_batch or local
+    if local % micro:
+        raise ValueError(
+            f"micro_batch={micro} must divide the per-rank batch {local} (global_batch {b} / world size {world})"
+        )
+    dev = device()
+    return Topology(world, rank, b, micro, local // micro, dev, compute_dtype(cfg.precision, dev))
+
+
+class StopSignals:
+    """SIGTERM, SIGUSR1 and SIGUSR2 set a flag; the loop agrees on it across ranks at the next step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def agree(*flags: bool) -> list[bool]:
+    """Each flag OR-ed over all ranks (one small all-reduce; on GPUs it rides on the device)."""
+    dev = device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(f) for f in flags], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
+
+
+def sample_seed(seed: int, step: int, position: int) -> int:
+    """Seed of one sample's randomness in one step: a function of (seed, step, place in the global batch)."""
+    digest = hashlib.sha256(f"{seed}/{step}/{position}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def per_sample_normal(seed: int, step: int, positions: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """(n, *shape) standard normals, row i drawn from sample_seed(seed, step, positions[i]) on the CPU."""
+    rows = [
+        torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, step, int(p))))
+        for p in positions
+    ]
+    return torch.stack(rows)
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Average logged scalars over ranks (one all-reduce, only at log steps)."""
+    dev = device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / dist.get_world_size()).tolist()))
+
+
+def memory_bytes(dev: torch.device) -> int:
+    """Peak device memory on GPUs; resident memory of this process on the CPU."""
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev)
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+class Meter:
+    """Step timing: data wait, step time, samples/s, over the steps since the last log."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.samples, self.data_wait, self.start = 0, 0, 0.0, time.perf_counter()
+        self.step_times: list[float] = []
+
+    def add(self, samples: int, data_wait: float, step_time: float) -> None:
+        self.steps += 1
+        self.samples += samples
+        self.data_wait += data_wait
+        self.step_times.append(step_time)
+
+    def summary(self, world_size: int, flops_per_sample: float, peak_tflops: float) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.samples / elapsed
+        per_device = rate / world_size
+        return {
+            "perf/samples_per_s": rate,
+            "perf/samples_per_s_per_device": per_device,
+            "perf/mfu": per_device * flops_per_sample / (peak_tflops * 1e12),
+            "perf/data_wait_s": self.data_wait / max(self.steps, 1),
+            "perf/step_time_s": sum(self.step_times) / max(len(self.step_times), 1),
+        }
+
+
+class Logger:
+    """TensorBoard and a JSON-lines log on rank 0; silent on other ranks."""
+
+    def __init__(self, run_dir: Path, start_step: int) -> None:
+        self.enabled = dist.get_rank() == 0
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step hides events at or after the resumed step, so no step appears twice.
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step if start_step > 0 else None)
+        self.jsonl = open(run_dir / "log.jsonl", "a")  # noqa: SIM115 (closed in close())
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            self.tb.add_scalar(k, v, step)
+        self.jsonl.write(
+            json.dumps({"step": step, **{k: v for k, v in values.items() if math.isfinite(v)}}) + "\n"
+        )
+        self.jsonl.flush()
+
+    def images(self, step: int, tag: str, grid: torch.Tensor) -> None:
+        """A (3, H, W) uint8 image."""
+        if self.enabled:
+            self.tb.add_image(tag, grid, step)
+
+    def text(self, tag: str, text: str) -> None:
+        if self.enabled:
+            self.tb.add_text(tag, text, 0)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+            self.jsonl.close()
+
+
+def print0(*args: Any) -> None:
+    if dist.get_rank() == 0:
+        print(*args, flush=True)

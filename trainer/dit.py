@@ -1,0 +1,218 @@
+"""LightningDiT training: rectified flow on VA-VAE latents with DeepSpeed ZeRO-2 (reference §3).
+
+The loop in :func:`train` reads top to bottom: data → loss → backward → step → EMA → log → checkpoint
+→ samples. Every random draw of a step (noise, t, label dropout) is keyed on (seed, step, the sample's
+place in the global batch), so a step computes the same loss at any world size, and a resumed run
+continues bit for bit at the same world size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_prep.manifest import Manifest, ShardSetError
+from data_prep.reader import StreamReader, latent_decoder, normalize_latents, open_shard_set
+from models.ema import EMA
+from models.export import load_lightningdit, load_vavae
+from models.flow import FlowArgs, RectifiedFlow
+from models.lightningdit import LightningDiT, LightningDiTArgs, lightningdit_args
+from models.samplers import sample_euler, timestep_grid
+from trainer.checkpoint import EMA_FILE, Checkpointer
+from trainer.common import (
+    Logger,
+    Meter,
+    NonFiniteLoss,
+    StopRequested,
+    StopSignals,
+    agree,
+    mean_over_ranks,
+    memory_bytes,
+    per_sample_normal,
+    print0,
+    topology,
+)
+from trainer.config import TrainDiTConfig
+from trainer.engine import build_engine, deepspeed_config
+from trainer.export import export_weights
+
+
+def model_args(cfg: TrainDiTConfig, manifest: Manifest) -> LightningDiTArgs:
+    """The registry size of the config, shaped by the latents of the shard set."""
+    c, h, w = manifest.latent.shape
+    if h != w:
+        raise ShardSetError(f"latents of {cfg.data.shards} are {h}x{w}; LightningDiT takes square latents")
+    return lightningdit_args(
+        cfg.model.size,
+        in_channels=c,
+        input_size=h,
+        num_classes=len(manifest.classes),
+        class_dropout_prob=cfg.label_dropout,
+        use_qknorm=cfg.model.use_qknorm,
+    )
+
+
+def step_draws(cfg: TrainDiTConfig, step: int, positions: torch.Tensor, shape: tuple[int, ...]):
+    """Noise (n, C, H, W), t (n,) and the label-dropout mask (n,) of one step's samples."""
+    n = per_sample_normal(cfg.data.seed, step, positions, (2 + shape[0] * shape[1] * shape[2],))
+    noise = n[:, 2:].reshape(-1, *shape)
+    if cfg.t_sampling == "lognorm":
+        t = torch.sigmoid(n[:, 0])  # reference §3.1: t = sigmoid(N(0, 1))
+    else:
+        t = torch.special.ndtr(n[:, 0])  # a uniform from the same normal
+    drop = torch.special.ndtr(n[:, 1]) < cfg.label_dropout
+    return noise, t, drop
+
+
+def train(cfg: TrainDiTConfig) -> None:
+    topo = topology(cfg)
+    run_dir = cfg.run.dir
+    manifest = open_shard_set(cfg.data.shards, "latents")
+    if manifest.latent is None or not manifest.latent.std:
+        raise ShardSetError(
+            f"{cfg.data.shards}/manifest.json has no latent statistics; rerun extract-latents"
+        )
+    args = model_args(cfg, manifest)
+    model = LightningDiT(args)
+    ckpts = Checkpointer(run_dir, cfg.ckpt.keep_last, cfg.ckpt.milestone_every)
+    resume = ckpts.latest()
+    if resume is None and cfg.init_from:
+        model.load_state_dict(load_lightningdit(cfg.init_from).state_dict())
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    ema = EMA(model, cfg.ema_decay)  # fp32, from the fp32 weights, before DeepSpeed casts the module
+    elastic = resume is not None and resume.meta["world_size"] != topo.world_size
+    ds_config = deepspeed_config(
+        micro_batch=topo.micro_batch, grad_accum=topo.grad_accum, world_size=topo.world_size,
+        dtype=topo.dtype, grad_clip=cfg.optim.grad_clip, zero_stage=cfg.zero_stage, load_universal=elastic,
+    )  # fmt: skip
+    engine = build_engine(
+        model, [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=cfg.optim.betas,
+        eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps, ds_config=ds_config,
+    )  # fmt: skip
+    step = 0
+    if resume is not None:
+        ckpts.load(resume, {"model": engine})
+        from models.weights import read_state_dict
+
+        ema.load_state_dict(read_state_dict(resume.path / EMA_FILE))
+        step = resume.step
+        print0(
+            f"resumed {cfg.run.name} at step {step}" + (" (elastic: universal checkpoint)" if elastic else "")
+        )
+    if topo.rank == 0:
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
+        (run_dir / "topology.json").write_text(json.dumps(topo.describe(), indent=1))
+    flops = model.flops_per_sample(grad_checkpointing=False)
+    flow = RectifiedFlow(FlowArgs(t_sampling="logit_normal", cos_weight=cfg.cos_loss_weight))
+    reader = StreamReader(
+        cfg.data.shards, manifest, seed=cfg.data.seed, global_batch=cfg.data.global_batch,
+        streams=cfg.data.streams, rank=topo.rank, world_size=topo.world_size, decode=latent_decoder(),
+        workers=cfg.data.workers, pin_memory=topo.device.type == "cuda",
+    )  # fmt: skip
+    mean, std = manifest.latent.mean, manifest.latent.std
+    signals, logger, meter = StopSignals(), Logger(run_dir, step), Meter()
+    sums: dict[str, float] = {"loss/total": 0.0, "loss/mse": 0.0, "loss/cos": 0.0}
+    skipped = 0
+    batches = reader.batches(step)
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            batch = next(batches)  # data
+            t1 = time.perf_counter()
+            x1 = normalize_latents(batch.x.to(topo.device, non_blocking=True), mean, std)
+            y = batch.y.to(topo.device)
+            noise, t, drop = (v.to(topo.device) for v in step_draws(cfg, step, batch.positions, x1.shape[1:]))
+            finite = True
+            for i in range(topo.grad_accum):
+                sl = slice(i * topo.micro_batch, (i + 1) * topo.micro_batch)
+
+                def net(x_t, t_, y_, mask=drop[sl]):
+                    return engine(x_t.to(topo.dtype), t_, y_, drop_mask=mask)
+
+                loss = flow.loss(net, x1[sl], y[sl], noise=noise[sl], t=t[sl])  # loss
+                engine.backward(loss.total)  # backward
+                engine.step()  # step (applied at the accumulation boundary)
+                values = torch.stack([loss.total, loss.mse, loss.cos]).tolist()  # one host sync
+                finite &= math.isfinite(values[0])
+                for k, v in zip(sums, values):
+                    sums[k] += v / topo.grad_accum
+            nonfinite, stopping = agree(not finite, signals.received is not None)
+            if nonfinite and cfg.nonfinite == "stop":
+                raise NonFiniteLoss(
+                    f"non-finite loss at step {step} (nonfinite=stop); the last checkpoint is intact"
+                )
+            step += 1
+            if engine.was_step_applied():
+                ema.update(engine.module)  # EMA
+            else:
+                skipped += 1
+            meter.add(topo.global_batch, t1 - t0, time.perf_counter() - t0)
+            if step % cfg.log.every == 0 or step == cfg.steps:  # log
+                values = mean_over_ranks({k: v / meter.steps for k, v in sums.items()})
+                values |= meter.summary(topo.world_size, flops.forward + flops.backward, cfg.log.peak_tflops)
+                values |= {
+                    "opt/lr": engine.get_lr()[0],
+                    "opt/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                }
+                values |= {
+                    "opt/skipped_steps": float(skipped),
+                    "sys/memory_gb": memory_bytes(topo.device) / 2**30,
+                }
+                logger.scalars(step, values)
+                print0(f"step {step}/{cfg.steps} loss {values['loss/total']:.4f} mse {values['loss/mse']:.4f} "
+                       f"{values['perf/samples_per_s']:.1f} samples/s")  # fmt: skip
+                sums, _ = dict.fromkeys(sums, 0.0), meter.reset()
+            if step % cfg.ckpt.every == 0 or step == cfg.steps or stopping:  # checkpoint
+                meta = {"samples_seen": step * topo.global_batch, "config": asdict(cfg), **topo.describe(),
+                        "zero_stage": cfg.zero_stage, "kind": "dit", "model_args": asdict(args)}  # fmt: skip
+                ckpts.save(step, {"model": engine}, ema.state_dict(), meta)
+            if cfg.log.sample_every and (step % cfg.log.sample_every == 0 or step == cfg.steps):  # samples
+                sample_grid(cfg, args, ema, manifest, step, run_dir, logger, topo.device)
+            if stopping:
+                raise StopRequested(f"stopped by signal {signals.received} at step {step}, checkpoint saved")
+    finally:
+        signals.restore()
+        logger.close()
+    if topo.rank == 0:
+        export_weights(
+            run_dir, step, LightningDiT(replace(args, grad_checkpointing=False)), ema.state_dict(), cfg
+        )
+    dist.barrier()
+
+
+@torch.no_grad()
+def sample_grid(cfg, args, ema, manifest, step, run_dir: Path, logger: Logger, dev) -> None:
+    """Rank 0: one row per class (up to 10), 8 EMA samples each, fixed noise, Euler on 32 shifted points.
+
+    Decoded by the VA-VAE when `cfg.vavae` names one, else shown as the first 3 latent channels.
+    """
+    if dist.get_rank() != 0:
+        return
+    import torchvision
+
+    model = LightningDiT(replace(args, grad_checkpointing=False)).to(dev).eval()
+    ema.copy_to(model)
+    classes = min(len(manifest.classes), 10)
+    y = torch.arange(classes, device=dev).repeat_interleave(8)
+    g = torch.Generator().manual_seed(cfg.data.seed + 12345)
+    x = torch.randn((len(y), *manifest.latent.shape), generator=g).to(dev)
+    z = sample_euler(lambda x_, t_: model(x_, t_.expand(len(x_)), y), x, timestep_grid(32, 0.3, device=dev))
+    z = z * torch.tensor(manifest.latent.std, device=dev).view(1, -1, 1, 1) + torch.tensor(
+        manifest.latent.mean, device=dev
+    ).view(1, -1, 1, 1)
+    if cfg.vavae:
+        images = load_vavae(cfg.vavae).to(dev).eval().decode(z).clamp(-1, 1)
+    else:
+        images = z[:, :3]
+        images = (images - images.amin()) / (images.amax() - images.amin() + 1e-8) * 2 - 1
+    grid = torchvision.utils.make_grid((images + 1) / 2, nrow=8, padding=1).clamp(0, 1)
+    grid8 = (grid * 255).round().to(torch.uint8).cpu()
+    (run_dir / "samples").mkdir(exist_ok=True)
+    torchvision.io.write_png(grid8, str(run_dir / "samples" / f"step-{step:08d}.png"))
+    logger.images(step, "samples/ema", grid8)
