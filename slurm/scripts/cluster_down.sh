@@ -15,7 +15,7 @@ if [[ ! -d "$pids" ]]; then
 fi
 
 # Cancel the jobs while slurmctld and the slurmd daemons are still there to kill their processes.
-if [[ -s "$pids/slurmctld.pid" ]] && kill -0 "$(cat "$pids/slurmctld.pid")" 2>/dev/null; then
+if [[ -s "$pids/slurmctld.pid" ]] && [[ "$(cat "/proc/$(cat "$pids/slurmctld.pid")/comm" 2>/dev/null)" == slurmctld ]]; then
     if [[ -n "$(squeue -h -o %i 2>/dev/null)" ]]; then
         say "cancelling jobs: $(squeue -h -o %i | tr '\n' ' ')"
         scancel --full --signal=KILL --user=root --quiet 2>/dev/null || true
@@ -27,26 +27,32 @@ if [[ -s "$pids/slurmctld.pid" ]] && kill -0 "$(cat "$pids/slurmctld.pid")" 2>/d
     fi
 fi
 
-# Stop one recorded daemon: TERM, wait up to 10 s, then KILL.
+# Stop recorded daemons together: TERM, wait up to 10 s, then KILL. Only a PID that still belongs to
+# its program is signalled: a daemon that died may leave a stale PID file, its PID reused since.
 stop() {
-    local f="$pids/$1.pid" pid
-    [[ -s "$f" ]] || return 0
-    pid="$(cat "$f")"
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
+    local name pid waiting=()
+    for name in "$@"; do
+        [[ -s "$pids/$name.pid" ]] || continue
+        pid="$(cat "$pids/$name.pid")"
+        if [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "${name%-n[12]}" ]]; then
+            kill -TERM "$pid" 2>/dev/null || true
+            waiting+=("$name:$pid")
+        fi
+        rm -f "$pids/$name.pid"
+    done
+    for entry in "${waiting[@]}"; do
+        name="${entry%%:*}" pid="${entry##*:}"
         for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
         if kill -0 "$pid" 2>/dev/null; then
-            say "$1 (pid $pid) ignored TERM; killing it"
+            say "$name (pid $pid) ignored TERM; killing it"
             kill -KILL "$pid" 2>/dev/null || true
         fi
-        say "stopped $1 (pid $pid)"
-    fi
-    rm -f "$f"
+        say "stopped $name (pid $pid)"
+    done
 }
-stop slurmd-n2
-stop slurmd-n1
+# slurmctld before slurmdbd (it sends its last job records there), slurmdbd before its database.
+stop slurmd-n1 slurmd-n2
 stop slurmctld
 stop slurmdbd
-stop mariadbd
-stop munged
+stop mariadbd munged
 say "done (logs kept in $(readlink -f "$base/current"))"

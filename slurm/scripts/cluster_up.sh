@@ -25,11 +25,15 @@ die() { echo "cluster_up: ERROR: $*" >&2; exit 1; }
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (starts munged, mariadbd and the SLURM daemons)"
 
-# A cluster this script started is healthy when all its recorded PIDs live and both nodes answer.
-alive() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
-if [[ -d "$base/current/pids" ]]; then
+# A cluster this script started is healthy when every daemon it records is alive (daemons delete their
+# PID file when they exit) and both nodes answer. munged may be shared: it only has to be running.
+daemons=(mariadbd slurmdbd slurmctld slurmd-n1 slurmd-n2)
+alive() { [[ -s "$base/current/pids/$1.pid" ]] && [[ "$(cat "/proc/$(cat "$base/current/pids/$1.pid")/comm" 2>/dev/null)" == "${1%-n[12]}" ]]; }
+recorded=("$base"/current/pids/*.pid)
+if [[ -e "${recorded[0]}" ]]; then
     healthy=1
-    for f in "$base"/current/pids/*.pid; do alive "$f" || healthy=0; done
+    for d in "${daemons[@]}"; do alive "$d" || healthy=0; done
+    pgrep -x munged >/dev/null || healthy=0
     if [[ $healthy -eq 1 ]] && [[ "$(sinfo -h -N -o '%N %t' 2>/dev/null | sort -u | tr '\n' ' ')" =~ n1\ (idle|mix|alloc).*n2\ (idle|mix|alloc) ]]; then
         say "already running (state $(readlink -f "$base/current")); nothing to do"
         exit 0
@@ -55,16 +59,23 @@ if [[ ${#missing[@]} -gt 0 ]]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     # policy-rc.d 101: the packages' postinst must not try to start services (there is no init system).
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    # (A policy file that is already there, as in Docker images, is left alone.)
+    own_policy=0
+    trap '[[ $own_policy -eq 0 ]] || rm -f /usr/sbin/policy-rc.d' EXIT
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && own_policy=1
+    fi
     mkdir -p "$base"
     apt-get install -y -qq --no-install-recommends "${packages[@]}" >"$base/apt.log" 2>&1 ||
         { tail -n 30 "$base/apt.log" >&2; die "apt-get install ${packages[*]} failed (log: $base/apt.log)"; }
-    rm -f /usr/sbin/policy-rc.d
     say "packages installed"
 fi
 
 # --- fresh state directory -----------------------------------------------------------------------------
 host="$(hostname -s)"
+# Keep the two latest earlier state directories (their logs); older ones go (~100 MB each, mostly MariaDB's).
+find "$base" -maxdepth 1 -name 'run-*' -type d -printf '%T@ %p\n' 2>/dev/null | sort -rn | tail -n +3 |
+    cut -d' ' -f2- | xargs -r rm -rf
 state="$base/run-$(date +%Y%m%d-%H%M%S)-$$"
 mkdir -p "$state"/{pids,log,ctld,spool,mysql}
 ln -sfn "$state" "$base/current"
@@ -102,11 +113,12 @@ fi
 mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld
 chown mysql:mysql "$state/mysql"
 mariadb-install-db --user=mysql --datadir="$state/mysql" --skip-test-db --auth-root-authentication-method=socket \
+    --innodb-log-file-size=8M \
     >"$state/log/mariadb-install.log" 2>&1 || { cat "$state/log/mariadb-install.log" >&2; die "mariadb-install-db failed"; }
 # The default socket path (/run/mysqld/mysqld.sock) is where slurmdbd's client library looks.
 setsid /usr/sbin/mariadbd --user=mysql --datadir="$state/mysql" --skip-networking \
     --socket=/run/mysqld/mysqld.sock --pid-file="$state/pids/mariadbd.pid" \
-    --log-error="$state/log/mariadb.log" --innodb-buffer-pool-size=32M </dev/null >/dev/null 2>&1 &
+    --log-error="$state/log/mariadb.log" --innodb-buffer-pool-size=32M --innodb-log-file-size=8M </dev/null >/dev/null 2>&1 &
 for _ in $(seq 1 $((timeout_s * 5))); do
     mariadb -u root -e 'select 1' >/dev/null 2>&1 && break
     sleep 0.2
@@ -135,4 +147,6 @@ until [[ "$(sinfo -h -N -o '%N %t' 2>/dev/null | sort -u | tr '\n' ' ')" == "n1 
     fi
     sleep 0.5
 done
-say "cluster up: nodes n1 n2 idle in partition debug (pids: $(cat "$state"/pids/*.pid | tr '\n' ' '))"
+pids=""
+for f in "$state"/pids/*.pid; do pids+=" $(basename "$f" .pid)=$(cat "$f")"; done
+say "cluster up: nodes n1 n2 idle in partition debug; pids:$pids"

@@ -1,7 +1,7 @@
 """A job for the SLURM tests, run through `slurm.submit` like any `ldit` job (one config, every rank).
 
 `mode=allreduce`: all-reduce (rank + 1), write <out>/rank<r>.json with what the rank saw.
-`mode=fail`: raise (the parent of an `afterok` chain that must never run its child).
+`mode=fail`: raise a ConfigError (the parent of an `afterok` chain that must never run its child).
 `mode=slow_first_run`: append a line to <out>/runs.txt (rank 0), then on the first run sleep past the
 time limit, so that SLURM's signal requeues the job; later runs finish at once.
 """
@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import MISSING
 
+from slurm.config import ConfigError
+
 
 @dataclass
 class SlurmTaskConfig:
@@ -33,7 +35,7 @@ class SlurmTaskConfig:
 def main(cfg: SlurmTaskConfig) -> None:
     out, rank = Path(cfg.out), dist.get_rank()
     if cfg.mode == "fail":
-        raise RuntimeError("this job fails on purpose")
+        raise ConfigError("this job fails on purpose")  # a user error: run_here reports it, returns 1
     if cfg.mode == "slow_first_run":
         runs = out / "runs.txt"
         dist.barrier()

@@ -1,0 +1,210 @@
+"""Cluster files → sbatch parameters, and the errors bad cluster files give (no SLURM needed)."""
+
+from __future__ import annotations
+
+import pytest
+from submitit.slurm.slurm import _make_sbatch_string
+
+from slurm.cli import main
+from slurm.cluster import ClusterConfig, load_cluster, sbatch_parameters
+from slurm.config import ConfigError
+from slurm.submit import check_job_id
+from tests.conftest import ROOT
+
+LOCAL = ROOT / "configs" / "cluster" / "local.yaml"
+EXAMPLE = ROOT / "configs" / "cluster" / "example.yaml"
+
+
+def write(tmp_path, text: str, name: str = "c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_local_cluster_file():
+    params = sbatch_parameters(load_cluster([LOCAL]), job_name="ldit-train")
+    assert params == {
+        "job_name": "ldit-train",
+        "partition": "debug",
+        "nodes": 2,
+        "ntasks_per_node": 2,
+        "cpus_per_task": 1,
+        "time": 10,
+        "signal_delay_s": 60,
+    }
+
+
+def test_example_gpu_cluster_file_one_task_per_gpu():
+    cluster = load_cluster([EXAMPLE])
+    params = sbatch_parameters(cluster, after="1234")
+    assert params == {
+        "job_name": "ldit",
+        "partition": "gpu",
+        "account": "my-project",
+        "nodes": 4,
+        "ntasks_per_node": 8,
+        "gpus_per_node": 8,
+        "cpus_per_task": 12,
+        "mem": "480GB",
+        "time": 1440,
+        "signal_delay_s": 120,
+        "dependency": "afterok:1234",
+        "setup": [
+            "module load cuda/12.4",
+            'source "$HOME/ldit/.venv/bin/activate"',
+            "export NCCL_DEBUG=WARN",
+        ],
+        "additional_parameters": {"exclusive": True},
+    }
+    assert cluster.max_requeues == 30
+    # What sbatch receives, as submitit writes it.
+    script = _make_sbatch_string(command="python -m x", folder="/shared/logs/%j", **params)
+    for line in [
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=my-project",
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=12",
+        "#SBATCH --mem=480GB",
+        "#SBATCH --time=1440",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --dependency=afterok:1234",
+        "#SBATCH --exclusive",
+        "module load cuda/12.4",
+    ]:
+        assert line in script.splitlines(), line
+
+
+def test_defaults_gres_and_overrides(tmp_path):
+    path = write(tmp_path, "partition: p\ngpus_per_node: 4\ngpu_request: gres\n")
+    params = sbatch_parameters(load_cluster([path], ["nodes=3", "qos=high", "constraint=a100"]))
+    assert params["gres"] == "gpu:4" and "gpus_per_node" not in params
+    assert (params["nodes"], params["ntasks_per_node"], params["qos"], params["constraint"]) == (
+        3,
+        4,
+        "high",
+        "a100",
+    )
+    # Unset keys are not sent: the partition's defaults apply.
+    assert not {"account", "mem", "cpus_per_task", "setup", "additional_parameters", "dependency"} & set(
+        params
+    )
+    # A CPU cluster without tasks_per_node runs one task per node.
+    cpu = load_cluster([write(tmp_path, "partition: p\n", "cpu.yaml")])
+    assert (cpu.tasks, sbatch_parameters(cpu)["ntasks_per_node"]) == (1, 1)
+
+
+def test_files_merge_in_order(tmp_path):
+    write(tmp_path, "partition: p\nnodes: 2\ntime_min: 30\n", "base.yaml")
+    big = write(tmp_path, "_base_: base.yaml\nnodes: 8\n", "big.yaml")
+    cluster = load_cluster([big])
+    assert (cluster.partition, cluster.nodes, cluster.time_min) == ("p", 8, 30)
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        (
+            "partition: p\nnode: 2\n",
+            [],
+            "c.yaml: Key 'node' not in 'ClusterConfig'",
+        ),
+        (
+            "nodes: 2\n",
+            [],
+            "cluster config: missing required key 'partition': set it in a config file or as partition=...",
+        ),
+        ("partition: p\n", ["nodes=0"], "cluster config: nodes must be at least 1, got 0"),
+        ("partition: '  '\n", [], "partition is empty: name the SLURM partition to submit to (`sinfo -s`)"),
+        (
+            "partition: p\ngpus_per_node: 8\ntasks_per_node: 2\n",
+            [],
+            "tasks_per_node=2 but gpus_per_node=8: one task runs per GPU; remove tasks_per_node",
+        ),
+        (
+            "partition: p\ntime_min: 2\nsignal_delay_s: 90\n",
+            [],
+            "signal_delay_s=90 (+ up to 30 s early) reaches back to the start of a 2 min job, which SLURM "
+            "would signal before it can handle it: lower signal_delay_s or raise time_min",
+        ),
+        (
+            "partition: p\nsbatch: {partition: q}\n",
+            [],
+            "sbatch.partition: set this with the cluster file's own key (partition), not under sbatch",
+        ),
+        (
+            "partition: p\nsbatch: {ntasks_per_node: 3}\n",
+            [],
+            "sbatch.ntasks_per_node: set this with the cluster file's own key (tasks_per_node)",
+        ),
+        ("partition: p\n", ["mem_gb=-1"], "mem_gb must be at least 1 (or unset), got -1"),
+        ("partition: p\n", ["gpu_request=gpus"], "gpu_request"),
+    ],
+)
+def test_bad_cluster_files(tmp_path, text, overrides, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_cluster([path], overrides)
+    assert message in str(err.value)
+    assert str(err.value).startswith("cluster config: ")
+
+
+def test_no_cluster_file():
+    with pytest.raises(
+        ConfigError, match="no cluster file: pass one with --cluster configs/cluster/<name>.yaml"
+    ):
+        load_cluster([])
+
+
+def test_job_ids():
+    assert check_job_id("123") == "123" and check_job_id("45_6") == "45_6"
+    with pytest.raises(ConfigError, match="--after 'abc': not a SLURM job id"):
+        check_job_id("abc")
+
+
+def test_schema_documents_every_field():
+    import dataclasses
+
+    from slurm.config import field_docs
+
+    assert set(field_docs(ClusterConfig)) == {f.name for f in dataclasses.fields(ClusterConfig)}
+
+
+# ----------------------------------------------------------------------------- the CLI's --slurm options
+
+
+@pytest.fixture
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+@pytest.mark.usefixtures("_in_repo")
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--cluster", str(LOCAL)], "--cluster, --after and cluster.<key>=... need --slurm"),
+        (["--after", "12"], "--cluster, --after and cluster.<key>=... need --slurm"),
+        (["cluster.nodes=2"], "--cluster, --after and cluster.<key>=... need --slurm"),
+        (["--slurm"], "config error: no cluster file: pass one with --cluster configs/cluster/<name>.yaml"),
+        (
+            ["--slurm", "--cluster", str(LOCAL), "cluster.nodes=0"],
+            "config error: cluster config: nodes must be at least 1, got 0",
+        ),
+        (
+            ["--slurm", "--cluster", str(LOCAL), "cluster.nodse=2"],
+            "config error: cluster config: command line: Key 'nodse' not in 'ClusterConfig'",
+        ),
+        (["--slurm", "--cluster", str(LOCAL), "--after", "x1"], "--after 'x1': not a SLURM job id"),
+    ],
+)
+def test_cli_slurm_option_errors(capsys, args, message):
+    assert main(["train", "configs/dit/lightningdit_b1.yaml", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("_in_repo")
+def test_cli_checks_the_cluster_before_saying_not_built(capsys):
+    # `sweep` has no entry yet: a valid cluster file gets as far as the "not built yet" message.
+    assert main(["sweep", "train=x.yaml", "--slurm", "--cluster", str(LOCAL)]) == 2
+    assert "not built yet (issue #8)" in capsys.readouterr().err

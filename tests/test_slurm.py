@@ -1,0 +1,173 @@
+"""Real SLURM jobs through `slurm.submit` on the test cluster (slurm/scripts/cluster_up.sh; marker `slurm`).
+
+The training job is not built yet, so the job submitted is tests/workers/slurm_task.py, registered for
+these tests only: it runs on every task exactly as an `ldit` job would (same submit path, same
+`slurm.env.init_distributed`). Each test uses a fresh submitit folder (job ids restart at 1 on a fresh
+cluster, and an old folder could hand back a stale result).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+
+from slurm.cli import main
+from slurm.cluster import ClusterConfig, load_cluster
+from slurm.jobs import JOBS, Job
+from slurm.submit import submit
+from tests.conftest import ROOT, read_ranks
+from tests.workers.slurm_task import SlurmTaskConfig
+
+pytestmark = pytest.mark.slurm
+
+LOCAL = ROOT / "configs" / "cluster" / "local.yaml"
+TEST_JOB = Job(
+    "slurm-test", "SLURM test job", {"": SlurmTaskConfig}, entry="tests.workers.slurm_task:main", issue=8
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cluster() -> None:
+    """Fail early, and say what to do, when the test cluster is not running."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=20)
+    except FileNotFoundError:
+        pytest.fail("no SLURM client (sinfo): start the test cluster with slurm/scripts/cluster_up.sh")
+    nodes = dict(line.split() for line in out.stdout.splitlines())
+    if out.returncode != 0 or not {"n1", "n2"} <= set(nodes):
+        pytest.fail(f"test cluster not up ({out.stderr.strip() or nodes}): run slurm/scripts/cluster_up.sh")
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)  # jobs import tests.workers from the submission directory
+
+
+def cluster(tmp_path: Path, *overrides: str) -> ClusterConfig:
+    return load_cluster([LOCAL], [f"folder={tmp_path}/logs/%j", *overrides])
+
+
+def logs(job: submitit.Job) -> str:
+    folder = Path(job.paths.folder)
+    return "\n".join(f"===== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(folder.glob("*_log.*")))
+
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL"}
+
+
+def wait(job: submitit.Job, timeout_s: float) -> str:
+    """Wait until accounting gives the job a final state, and return it. Cancels it after `timeout_s`.
+
+    (`job.done()` is not enough: it is true as soon as the result files exist.)
+    """
+    deadline = time.monotonic() + timeout_s
+    while (state := job.get_info(mode="force").get("State", "UNKNOWN").split()[0]) not in FINAL_STATES:
+        if time.monotonic() > deadline:
+            job.cancel(check=False)
+            pytest.fail(f"job {job.job_id} not done after {timeout_s} s (state {state})\n{logs(job)}")
+        time.sleep(1)
+    return state
+
+
+def squeue(job_id: str) -> str:
+    """`<state> <reason>` of a job still known to the controller."""
+    return subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_two_nodes_two_tasks_all_reduce(tmp_path, monkeypatch):
+    """A 2-node × 2-task job: ranks 0..3 over n1 and n2, gloo rendezvous at n1, all-reduce correct.
+
+    The submitting process looks like a task of another job (SLURM and rendezvous variables set);
+    the submission must not pass them on (`clean_env`): with them, srun refuses to start
+    (SLURM_MEM_PER_CPU next to --mem) and the ranks would take RANK=7 of WORLD_SIZE=9.
+    """
+    for key, value in dict(
+        SLURM_JOB_ID="999", SLURM_MEM_PER_CPU="1", RANK="7", WORLD_SIZE="9", MASTER_PORT="1"
+    ).items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "out"
+    out.mkdir()
+    job = submit(TEST_JOB, [], [f"out={out}"], cluster(tmp_path, "mem_gb=1"))
+    start = time.monotonic()
+    assert wait(job, 120) == "COMPLETED", logs(job)
+    print(f"2x2 job {job.job_id} finished in {time.monotonic() - start:.1f} s")
+    assert job.results() == [None] * 4
+    ranks = read_ranks(out, 4)
+    assert [r["rank"] for r in ranks] == [0, 1, 2, 3]
+    assert [r["world_size"] for r in ranks] == [4] * 4
+    assert [r["local_rank"] for r in ranks] == [0, 1, 0, 1]
+    assert [r["node"] for r in ranks] == ["n1", "n1", "n2", "n2"]
+    assert [r["master_addr"] for r in ranks] == ["n1"] * 4
+    assert [r["backend"] for r in ranks] == ["gloo"] * 4
+    assert [r["all_reduce"] for r in ranks] == [10.0] * 4  # 1 + 2 + 3 + 4
+
+
+def test_afterok_child_of_a_failed_job_never_runs(tmp_path, monkeypatch, capsys):
+    """The parent fails; the child, submitted with `ldit ... --slurm --after`, stays pending with
+    reason DependencyNeverSatisfied and never runs."""
+    out = tmp_path / "out"
+    out.mkdir()
+    one_task = ("nodes=1", "tasks_per_node=1")
+    parent = submit(TEST_JOB, [], [f"out={out}", "mode=fail"], cluster(tmp_path, *one_task))
+    monkeypatch.setitem(JOBS, TEST_JOB.name, TEST_JOB)
+    argv = [TEST_JOB.name, f"out={out}", "--slurm", "--cluster", str(LOCAL), "--after", parent.job_id]
+    argv += [f"cluster.folder={tmp_path}/logs/%j", *(f"cluster.{o}" for o in one_task)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    child_id = re.search(r"submitted SLURM job (\d+) ", printed).group(1)
+    assert f"after job {parent.job_id} succeeds" in printed and f"{child_id}_0_log.out" in printed
+    child = submitit.SlurmJob(folder=f"{tmp_path}/logs/%j", job_id=child_id)
+    try:
+        assert wait(parent, 120) == "FAILED", logs(parent)
+        with pytest.raises(submitit.core.utils.FailedJobError, match="ldit slurm-test exited with code 1"):
+            parent.results()
+        assert "ldit slurm-test: error: this job fails on purpose" in Path(parent.paths.stderr).read_text()
+        deadline = time.monotonic() + 60
+        while (state := squeue(child_id)) != "PENDING DependencyNeverSatisfied":
+            assert state.startswith("PENDING"), f"the child left the queue or ran: {state!r}"
+            assert time.monotonic() < deadline, f"child {child_id} still {state!r} after 60 s"
+            time.sleep(1)
+        time.sleep(3)  # a few more scheduling passes: it must still not start
+        assert squeue(child_id) == "PENDING DependencyNeverSatisfied"
+        assert not list(out.iterdir()) and not list(Path(child.paths.folder).glob("*_log.*"))
+    finally:
+        child.cancel(check=False)
+
+
+def test_time_limit_requeues_and_the_second_run_completes(tmp_path):
+    """A 1-minute limit with the signal 15 s before it: the first run (which would sleep 300 s) gets
+    USR2, submitit's handler resubmits the call and requeues the job; the second run completes.
+
+    slurmctld checks time limits every 30 s and signals a job once it is within signal delay + 30 s of
+    its limit: here 15 to 45 s after the start. A larger delay would signal the job at once, before
+    submitit has installed its handler (the task then dies of USR2 and the job fails).
+    """
+    out = tmp_path / "out"
+    out.mkdir()
+    c = cluster(tmp_path, "nodes=2", "tasks_per_node=1", "time_min=1", "signal_delay_s=15")
+    job = submit(TEST_JOB, [], [f"out={out}", "mode=slow_first_run", "sleep_s=300"], c)
+    start = time.monotonic()
+    assert wait(job, 240) == "COMPLETED", logs(job)
+    print(f"requeued job {job.job_id} finished in {time.monotonic() - start:.1f} s")
+    runs = (out / "runs.txt").read_text().splitlines()
+    assert [r.split()[:2] for r in runs] == [["run", "0"], ["run", "1"]], runs  # SLURM_RESTART_COUNT
+    assert job.results() == [None, None]
+    rank0_log = Path(job.paths.stdout).read_text() + Path(job.paths.stderr).read_text()
+    assert (
+        "Caught signal SIGUSR2" in rank0_log
+        and f"Requeued job {job.job_id} (2 remaining timeouts)" in rank0_log
+    )
+    history = subprocess.run(
+        ["sacct", "-X", "-n", "--duplicates", "-j", job.job_id, "-o", "State"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert history == ["REQUEUED", "COMPLETED"], history
