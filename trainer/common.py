@@ -128,6 +128,17 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(values, (t / dist.get_world_size()).tolist()))
 
 
+def optimizer_state_bytes(engine: Any) -> int:
+    """Bytes of optimizer state this rank holds (ZeRO-2: its partition of the Adam moments)."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return sum(
+        t.numel() * t.element_size()
+        for s in inner.state.values()
+        for t in s.values()
+        if torch.is_tensor(t) and t.dim() > 0
+    )
+
+
 def memory_bytes(dev: torch.device) -> int:
     """Peak device memory on GPUs; resident memory of this process on the CPU."""
     if dev.type == "cuda":
@@ -175,9 +186,13 @@ class Logger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step hides events at or after the resumed step, so no step appears twice.
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step if start_step > 0 else None)
-        self.jsonl = open(run_dir / "log.jsonl", "a")  # noqa: SIM115 (closed in close())
+        # purge_step hides events after the resumed step, so no step appears twice; the JSON log is cut likewise.
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step > 0 else None)
+        path = run_dir / "log.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.jsonl = open(path, "a")  # noqa: SIM115 (closed in close())
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

@@ -96,6 +96,8 @@ class TrainCommon:
     log: LogConfig = field(default_factory=LogConfig)
     steps: int = 80000
     """Optimizer steps to train (reference §3.2: 80k steps = 64 epochs at batch 1024)."""
+    seed: int = 0
+    """Seed of the weight initialisation and of every per-sample draw (noise, t, label dropout, posterior samples)."""
     micro_batch: int = 0
     """Samples per rank per forward; 0 means global_batch / world size (no accumulation)."""
     precision: Precision = "auto"
@@ -174,7 +176,21 @@ class VAVAELossConfig:
     foundation_weights: str = ""
     """Local file of the foundation model's weights, for offline machines (empty: timm downloads them)."""
     lpips_weights: str = ""
-    """Local file of LPIPS's VGG16 + linear heads, for offline machines (empty: downloaded)."""
+    """Local file of LPIPS's linear heads (v0.1 vgg.pth), for offline machines (empty: the `lpips` package's copy)."""
+    vgg16_weights: str = ""
+    """Local file of LPIPS's VGG16 trunk (torchvision `features.*` state_dict), for offline machines (empty: downloaded)."""
+    foundation_timm_name: str = ""
+    """timm name of the foundation model (empty: the kind's reference model, §1.2); tests use vit_small_patch14_dinov2."""
+    foundation_resize: int = -1
+    """Bilinear resize before the foundation model so its token grid equals the latent grid; -1: the kind's default (224 for DINOv2, none for MAE, §1.2)."""
+    use_vf: bool = True
+    """Add the VF loss (False: the plain LDM autoencoder loss, the "no VF" row of Table 2)."""
+    proj_fix: bool = False
+    """Freeze the VF projection linear_proj (reference proj_fix, §1.2); by default the AE optimizer trains it."""
+    disc_start_clock: Literal["lightning", "step"] = "lightning"
+    """How disc_start is counted. `lightning` (reference): Lightning's global_step advances once per optimizer step,
+    so with manual AE + D steps it is 2·k at iteration k's AE loss and 2·k + 1 at its D loss; disc_start 5001 then
+    turns the GAN term on at iteration 2501 (D loss at 2500). `step`: both see the iteration k itself."""
 
 
 @dataclass
@@ -187,6 +203,16 @@ class TrainVAVAEConfig(TrainCommon):
     loss: VAVAELossConfig = field(default_factory=VAVAELossConfig)
     image_size: int = 256
     """Side of the random crop (reference §1.4: 256)."""
+    ema_decay: float = 0.0
+    """Decay of the fp32 EMA of the autoencoder, which checkpoints hold and exports write. The reference keeps no
+    EMA (§1.4); the default 0 makes the "EMA" the weights of the last step, so the export is the raw weights."""
+    init_seed: int = 0
+    """Seed of the weight initialisation (autoencoder, VF projection, discriminator)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1) (0: export the raw weights)")
 
 
 TRAIN_KINDS: dict[str, type[TrainCommon]] = {"dit": TrainDiTConfig, "vavae": TrainVAVAEConfig}

@@ -34,6 +34,7 @@ from trainer.common import (
     agree,
     mean_over_ranks,
     memory_bytes,
+    optimizer_state_bytes,
     per_sample_normal,
     print0,
     topology,
@@ -60,7 +61,7 @@ def model_args(cfg: TrainDiTConfig, manifest: Manifest) -> LightningDiTArgs:
 
 def step_draws(cfg: TrainDiTConfig, step: int, positions: torch.Tensor, shape: tuple[int, ...]):
     """Noise (n, C, H, W), t (n,) and the label-dropout mask (n,) of one step's samples."""
-    n = per_sample_normal(cfg.data.seed, step, positions, (2 + shape[0] * shape[1] * shape[2],))
+    n = per_sample_normal(cfg.seed, step, positions, (2 + shape[0] * shape[1] * shape[2],))
     noise = n[:, 2:].reshape(-1, *shape)
     if cfg.t_sampling == "lognorm":
         t = torch.sigmoid(n[:, 0])  # reference §3.1: t = sigmoid(N(0, 1))
@@ -79,6 +80,7 @@ def train(cfg: TrainDiTConfig) -> None:
             f"{cfg.data.shards}/manifest.json has no latent statistics; rerun extract-latents"
         )
     args = model_args(cfg, manifest)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every attempt
     model = LightningDiT(args)
     ckpts = Checkpointer(run_dir, cfg.ckpt.keep_last, cfg.ckpt.milestone_every)
     resume = ckpts.latest()
@@ -154,15 +156,16 @@ def train(cfg: TrainDiTConfig) -> None:
                 skipped += 1
             meter.add(topo.global_batch, t1 - t0, time.perf_counter() - t0)
             if step % cfg.log.every == 0 or step == cfg.steps:  # log
-                values = mean_over_ranks({k: v / meter.steps for k, v in sums.items()})
+                values = mean_over_ranks(
+                    {k: v / meter.steps for k, v in sums.items()}
+                )  # over steps and ranks
                 values |= meter.summary(topo.world_size, flops.forward + flops.backward, cfg.log.peak_tflops)
                 values |= {
                     "opt/lr": engine.get_lr()[0],
                     "opt/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                }
-                values |= {
                     "opt/skipped_steps": float(skipped),
                     "sys/memory_gb": memory_bytes(topo.device) / 2**30,
+                    "sys/optimizer_state_mb_rank0": optimizer_state_bytes(engine) / 2**20,
                 }
                 logger.scalars(step, values)
                 print0(f"step {step}/{cfg.steps} loss {values['loss/total']:.4f} mse {values['loss/mse']:.4f} "
@@ -200,7 +203,7 @@ def sample_grid(cfg, args, ema, manifest, step, run_dir: Path, logger: Logger, d
     ema.copy_to(model)
     classes = min(len(manifest.classes), 10)
     y = torch.arange(classes, device=dev).repeat_interleave(8)
-    g = torch.Generator().manual_seed(cfg.data.seed + 12345)
+    g = torch.Generator().manual_seed(cfg.seed + 12345)
     x = torch.randn((len(y), *manifest.latent.shape), generator=g).to(dev)
     z = sample_euler(lambda x_, t_: model(x_, t_.expand(len(x_)), y), x, timestep_grid(32, 0.3, device=dev))
     z = z * torch.tensor(manifest.latent.std, device=dev).view(1, -1, 1, 1) + torch.tensor(

@@ -1,0 +1,199 @@
+"""DiT training through DeepSpeed ZeRO-2 with real processes (gloo, CPU): exact and elastic resume,
+stop signals, bf16, TensorBoard, ZeRO-2 optimizer-state partitioning."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data_prep.manifest import ClassInfo, LatentInfo, Manifest
+from data_prep.shards import encode_npy, write_shard
+from tests.conftest import ROOT, clean_env
+
+CONFIG = str(ROOT / "configs/dit/tiny_cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory) -> Path:
+    """12 shards of 8 latents (4, 4, 4): 3 classes, each a Gaussian around its own mean."""
+    folder = tmp_path_factory.mktemp("latents")
+    rng = np.random.default_rng(0)
+    shards, n, all_x = [], 0, []
+    for i in range(12):
+        rows = []
+        for _ in range(8):
+            y = n % 3
+            x = (rng.standard_normal((4, 4, 4)) * 0.5 + 2.0 * y - 2.0).astype(np.float32)
+            all_x.append(x)
+            rows.append(
+                {
+                    "__key__": f"s{n:04d}",
+                    "latent.npy": encode_npy(x),
+                    "latent_flip.npy": encode_npy(x[..., ::-1]),
+                    "cls": str(y).encode(),
+                }
+            )
+            n += 1
+        shards.append(write_shard(folder / f"shard-{i:06d}.tar", rows))
+    a = np.stack(all_x)
+    mean, std = a.mean(axis=(0, 2, 3)), a.std(axis=(0, 2, 3), ddof=1)
+    Manifest("latents", shards, [ClassInfo(f"c{i}", i, f"c{i}") for i in range(3)],
+             latent=LatentInfo((4, 4, 4), "float32", tuple(mean.tolist()), tuple(std.tolist()))).save(folder)  # fmt: skip
+    return folder
+
+
+def train(latents: Path, root: Path, name: str, *overrides: str, local: int = 2, check: bool = True):
+    cmd = [
+        sys.executable,
+        "-m",
+        "slurm.cli",
+        "train",
+        CONFIG,
+        f"data.shards={latents}",
+        f"run.root={root}",
+        f"run.name={name}",
+        "log.every=1",
+        *overrides,
+    ]
+    if local > 1:
+        cmd += ["--local", str(local)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def log(root: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (root / name / "log.jsonl").read_text().splitlines()]
+
+
+def losses(root: Path, name: str) -> list[float]:
+    entries = log(root, name)
+    assert [e["step"] for e in entries] == list(range(1, len(entries) + 1)), "every step logged once"
+    return [e["loss/total"] for e in entries]
+
+
+def final_weights(root: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(root / name / "export" / "latest" / "ema.safetensors"))
+
+
+def module_weights(root: Path, name: str, step: int) -> dict[str, torch.Tensor]:
+    path = root / name / "checkpoints" / f"step-{step:08d}" / "model" / "mp_rank_00_model_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+@pytest.fixture(scope="module")
+def straight(latents, tmp_path_factory):
+    """The uninterrupted reference: 2 ranks, 6 steps."""
+    root = tmp_path_factory.mktemp("runs")
+    train(latents, root, "straight", "steps=6", "ckpt.every=3")
+    return root
+
+
+def test_resume_is_bit_identical(latents, straight, tmp_path):
+    train(latents, tmp_path, "resumed", "steps=3", "ckpt.every=3")
+    train(
+        latents, tmp_path, "resumed", "steps=6", "ckpt.every=3"
+    )  # the run directory has a checkpoint: resume
+    ref = losses(straight, "straight")
+    assert len(ref) == 6 and losses(tmp_path, "resumed") == ref
+    a, b = final_weights(straight, "straight"), final_weights(tmp_path, "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = module_weights(straight, "straight", 6), module_weights(tmp_path, "resumed", 6)
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert (tmp_path / "resumed" / "config.1.yaml").is_file()  # the first attempt's config (steps=3) kept
+
+
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
+def test_elastic_resume_continues_the_same_run(latents, straight, tmp_path, first, second):
+    name = f"elastic-{first}-{second}"
+    train(latents, tmp_path, name, "steps=3", "ckpt.every=3", local=first)
+    proc = train(latents, tmp_path, name, "steps=6", "ckpt.every=3", local=second)
+    assert "resumed " + name + " at step 3 (elastic: universal checkpoint)" in proc.stdout
+    assert (tmp_path / name / "checkpoints" / "step-00000003" / "model_universal").is_dir()
+    ref = losses(straight, "straight")
+    got = losses(tmp_path, name)
+    # Same data, noise, t and dropout by construction; only the order of float reductions differs
+    # (one rank averages 16 samples, two ranks average two means of 8): a few ulps per step.
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    assert got[:3] == ref[:3] or first == 1  # before the switch, a 2-rank run is the reference itself
+    a, b = final_weights(straight, "straight"), final_weights(tmp_path, name)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_zero2_partitions_the_optimizer_state(latents, straight, tmp_path):
+    train(latents, tmp_path, "one-rank", "steps=1", local=1)
+    one = log(tmp_path, "one-rank")[0]["sys/optimizer_state_mb_rank0"]
+    two = log(straight, "straight")[0]["sys/optimizer_state_mb_rank0"]
+    print(f"optimizer state on rank 0: 1 rank {one * 2**20:.0f} B, 2 ranks {two * 2**20:.0f} B")
+    assert two == pytest.approx(one / 2, rel=1e-3)
+
+
+def test_tensorboard_has_every_scalar_and_no_step_twice(latents, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(latents, tmp_path, "tb", "steps=3", "ckpt.every=3", "log.sample_every=3")
+    train(latents, tmp_path, "tb", "steps=5", "ckpt.every=5", "log.sample_every=5")
+    acc = EventAccumulator(str(tmp_path / "tb" / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"loss/total", "loss/mse", "loss/cos", "opt/lr", "opt/grad_norm", "perf/samples_per_s",
+                "perf/samples_per_s_per_device", "perf/mfu", "perf/data_wait_s", "sys/memory_gb"}  # fmt: skip
+    assert expected <= tags
+    steps = [e.step for e in acc.Scalars("loss/total")]
+    assert sorted(steps) == [1, 2, 3, 4, 5]
+    assert [e.step for e in acc.Images("samples/ema")] == [3, 5]
+    assert (tmp_path / "tb" / "samples" / "step-00000005.png").is_file()
+
+
+def test_bf16_trains_with_fp32_ema(latents, tmp_path):
+    train(latents, tmp_path, "bf16", "steps=3", "precision=bf16")
+    assert json.loads((tmp_path / "bf16" / "ds_config.json").read_text())["bf16"]["enabled"] is True
+    ls = losses(tmp_path, "bf16")
+    assert all(np.isfinite(ls))
+    ema = load_file(str(tmp_path / "bf16" / "checkpoints" / "step-00000003" / "ema.safetensors"))
+    assert {t.dtype for t in ema.values()} == {torch.float32}
+    module = module_weights(tmp_path, "bf16", 3)
+    assert module["blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
+
+
+def test_sigterm_to_one_rank_saves_and_asks_for_requeue(latents, tmp_path):
+    cmd = [sys.executable, "-m", "slurm.cli", "train", CONFIG, f"data.shards={latents}", f"run.root={tmp_path}",
+           "run.name=sig", "log.every=1", "steps=100000", "ckpt.every=100000", "--local", "2"]  # fmt: skip
+    parent = subprocess.Popen(
+        cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    jsonl = tmp_path / "sig" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (jsonl.exists() and len(jsonl.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    ranks = psutil.Process(parent.pid).children()
+    assert len(ranks) == 2
+    os.kill(ranks[1].pid, signal.SIGTERM)
+    out, err = parent.communicate(timeout=120)
+    assert parent.returncode == 75, err[-3000:]
+    assert "asks to be requeued" in err
+    latest = (tmp_path / "sig" / "checkpoints" / "latest").read_text()
+    step = json.loads((tmp_path / "sig" / "checkpoints" / latest / "meta.json").read_text())["step"]
+    assert step >= 3 and latest == f"step-{step:08d}"
+    logged = [e["step"] for e in log(tmp_path, "sig")]
+    assert logged[-1] == step  # the checkpoint is of the step the signal arrived at
+    train(latents, tmp_path, "sig", f"steps={step + 2}")
+    assert [e["step"] for e in log(tmp_path, "sig")] == list(range(1, step + 3))
+
+
+def test_world_size_must_divide_the_streams(latents, tmp_path):
+    proc = train(latents, tmp_path, "bad", "data.streams=4", local=3, check=False)
+    assert proc.returncode != 0
+    assert "world size 3 must divide data.streams=4" in proc.stderr
