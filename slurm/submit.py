@@ -19,13 +19,16 @@ What runs where:
 
 Time limits and pre-emption: SLURM sends USR2 `signal_delay_s` before the limit; submitit's handler on
 rank 0 calls :meth:`JobTask.checkpoint`, which resubmits the same call, and requeues the job (same job
-id). The job's own periodic checkpoints and resume-by-default (STYLE.md 7) make the requeued run
-continue: saving on the signal is not possible here, as rank 0's handler cannot run a collective save.
+id). The job's own checkpoints and resume-by-default (STYLE.md 7) make the requeued run continue.
+Rank 0's handler cannot save (a collective), so a job that saves on the signal catches it itself on
+every rank, saves, and returns exit code 75; :func:`requeue_through_submitit` then hands the signal
+back to submitit, which requeues as above.
 """
 
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,10 +49,33 @@ class JobTask(submitit.helpers.Checkpointable):
 
     def __call__(self, job: Job, files: Sequence[str], overrides: Sequence[str]) -> None:
         from slurm.cli import EXIT_OK, run_here  # the same path as a local run; imported here: a cycle
+        from trainer.common import EXIT_REQUEUE
 
         code = run_here(job, job.load(files, overrides))
-        if code != EXIT_OK:  # run_here printed why (bad input); SLURM must record the job as failed
+        if code == EXIT_REQUEUE:
+            requeue_through_submitit()
+        elif code != EXIT_OK:  # run_here printed why (bad input); SLURM must record the job as failed
             raise RuntimeError(f"ldit {job.name} exited with code {code}; the reason is in this task's log")
+
+
+def requeue_through_submitit() -> None:
+    """Requeue the job after it stopped itself on a signal, with a checkpoint saved (exit code 75).
+
+    A training job catches SIGUSR2/SIGTERM itself (trainer.common.StopSignals, which replaces
+    submitit's handler while the loop runs), agrees with the other ranks to stop, saves, and gives
+    the handlers back. submitit never saw the signal, so it is raised again here: submitit's handler
+    then does on rank 0 what it does on a signal (count a time-out against max_requeues, resubmit this
+    call through :meth:`JobTask.checkpoint`, `scontrol requeue`, exit); on other ranks it only logs,
+    and rank 0's requeue ends them.
+    """
+    sig = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
+    handler = signal.getsignal(sig)
+    if type(getattr(handler, "__self__", None)).__name__ != "SignalHandler":
+        raise RuntimeError(
+            f"the job stopped to be requeued, but submitit's {sig.name} handler is not installed "
+            f"(found {handler!r}): the job must restore the signal handlers it replaced"
+        )
+    signal.raise_signal(sig)
 
 
 def check_job_id(after: str) -> str:

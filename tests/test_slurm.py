@@ -9,6 +9,7 @@ cluster, and an old folder could hand back a stale result).
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -142,32 +143,40 @@ def test_afterok_child_of_a_failed_job_never_runs(tmp_path, monkeypatch, capsys)
 
 
 def test_time_limit_requeues_and_the_second_run_completes(tmp_path):
-    """A 1-minute limit with the signal 15 s before it: the first run (which would sleep 300 s) gets
-    USR2, submitit's handler resubmits the call and requeues the job; the second run completes.
+    """A 1-minute limit with the signal 15 s before it: the first run (which would go on for 300 s)
+    gets USR2 and the job is requeued; the second run completes. With slow_first_run submitit's
+    handler takes the signal; with stop_first_run the job takes it on every rank as the trainer does
+    (StopSignals, agree, exit 75) and `slurm.submit` hands it back to submitit to requeue. Both jobs
+    run at once (most of the time is spent waiting for the signal).
 
     slurmctld checks time limits every 30 s and signals a job once it is within signal delay + 30 s of
     its limit: here 15 to 45 s after the start. A larger delay would signal the job at once, before
     submitit has installed its handler (the task then dies of USR2 and the job fails).
     """
-    out = tmp_path / "out"
-    out.mkdir()
     c = cluster(tmp_path, "nodes=2", "tasks_per_node=1", "time_min=1", "signal_delay_s=15")
-    job = submit(TEST_JOB, [], [f"out={out}", "mode=slow_first_run", "sleep_s=300"], c)
+    jobs = {}
+    for mode in ("slow_first_run", "stop_first_run"):
+        (tmp_path / mode).mkdir()
+        jobs[mode] = submit(TEST_JOB, [], [f"out={tmp_path / mode}", f"mode={mode}", "sleep_s=300"], c)
     start = time.monotonic()
-    assert wait(job, 240) == "COMPLETED", logs(job)
-    print(f"requeued job {job.job_id} finished in {time.monotonic() - start:.1f} s")
-    runs = (out / "runs.txt").read_text().splitlines()
-    assert [r.split()[:2] for r in runs] == [["run", "0"], ["run", "1"]], runs  # SLURM_RESTART_COUNT
-    assert job.results() == [None, None]
-    rank0_log = Path(job.paths.stdout).read_text() + Path(job.paths.stderr).read_text()
-    assert (
-        "Caught signal SIGUSR2" in rank0_log
-        and f"Requeued job {job.job_id} (2 remaining timeouts)" in rank0_log
-    )
-    history = subprocess.run(
-        ["sacct", "-X", "-n", "--duplicates", "-j", job.job_id, "-o", "State"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    assert history == ["REQUEUED", "COMPLETED"], history
+    for mode, job in jobs.items():
+        out = tmp_path / mode
+        assert wait(job, 240) == "COMPLETED", logs(job)
+        print(f"{mode}: requeued job {job.job_id} finished after {time.monotonic() - start:.1f} s")
+        runs = (out / "runs.txt").read_text().splitlines()
+        assert [r.split()[:2] for r in runs] == [["run", "0"], ["run", "1"]], runs  # SLURM_RESTART_COUNT
+        assert job.results() == [None, None]
+        rank0_log = Path(job.paths.stdout).read_text() + Path(job.paths.stderr).read_text()
+        assert "Caught signal SIGUSR2" in rank0_log
+        assert f"Requeued job {job.job_id} (2 remaining timeouts)" in rank0_log
+        if mode == "stop_first_run":  # every rank saw the signal and stopped at the same step
+            saved = [(out / f"saved{r}.txt").read_text() for r in (0, 1)]
+            assert saved[0] == saved[1] and saved[0].endswith(f"signal {int(signal.SIGUSR2)}"), saved
+            assert "exit 75 asks to be requeued" in rank0_log
+        history = subprocess.run(
+            ["sacct", "-X", "-n", "--duplicates", "-j", job.job_id, "-o", "State"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert history == ["REQUEUED", "COMPLETED"], history

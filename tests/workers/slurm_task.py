@@ -4,6 +4,8 @@
 `mode=fail`: raise a ConfigError (the parent of an `afterok` chain that must never run its child).
 `mode=slow_first_run`: append a line to <out>/runs.txt (rank 0), then on the first run sleep past the
 time limit, so that SLURM's signal requeues the job; later runs finish at once.
+`mode=stop_first_run`: like slow_first_run, but the first run catches the signal itself with the
+trainer's protocol (trainer.common: StopSignals, agree, StopRequested = exit 75), as the DiT loop does.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import torch.distributed as dist
 from omegaconf import MISSING
 
 from slurm.config import ConfigError
+from trainer.common import StopRequested, StopSignals, agree
 
 
 @dataclass
 class SlurmTaskConfig:
     out: str = MISSING
     """Folder the ranks write to."""
-    mode: Literal["allreduce", "fail", "slow_first_run"] = "allreduce"
+    mode: Literal["allreduce", "fail", "slow_first_run", "stop_first_run"] = "allreduce"
     """What the job does (see the module docstring)."""
     sleep_s: float = 300.0
     """How long the first run of mode=slow_first_run sleeps (longer than the time limit)."""
@@ -36,6 +39,8 @@ def main(cfg: SlurmTaskConfig) -> None:
     out, rank = Path(cfg.out), dist.get_rank()
     if cfg.mode == "fail":
         raise ConfigError("this job fails on purpose")  # a user error: run_here reports it, returns 1
+    if cfg.mode == "stop_first_run":
+        return stop_first_run(out, rank)
     if cfg.mode == "slow_first_run":
         runs = out / "runs.txt"
         dist.barrier()
@@ -62,3 +67,26 @@ def main(cfg: SlurmTaskConfig) -> None:
             }
         )
     )
+
+
+def stop_first_run(out: Path, rank: int) -> None:
+    """The trainer's stop protocol: signal caught on every rank, agreed on at a step, handlers restored."""
+    runs = out / "runs.txt"
+    dist.barrier()
+    first = not runs.exists()
+    dist.barrier()
+    if rank == 0:
+        with runs.open("a") as f:
+            f.write(f"run {os.environ.get('SLURM_RESTART_COUNT', '0')} at {time.time():.1f}\n")
+    if not first:
+        return
+    signals = StopSignals()
+    try:
+        for step in range(600):  # 0.5 s "steps"; the signal arrives well before the end
+            (stop,) = agree(signals.received is not None)
+            if stop:
+                (out / f"saved{rank}.txt").write_text(f"step {step} signal {signals.received}")
+                raise StopRequested(f"stopped by signal {signals.received} at step {step}")
+            time.sleep(0.5)
+    finally:
+        signals.restore()
