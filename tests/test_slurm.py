@@ -22,6 +22,7 @@ from slurm.cluster import ClusterConfig, load_cluster
 from slurm.jobs import JOBS, Job
 from slurm.submit import submit
 from tests.conftest import ROOT, read_ranks
+from tests.data_fixtures import latent_set
 from tests.workers.slurm_task import SlurmTaskConfig
 
 pytestmark = pytest.mark.slurm
@@ -180,3 +181,18 @@ def test_time_limit_requeues_and_the_second_run_completes(tmp_path):
             check=True,
         ).stdout.split()
         assert history == ["REQUEUED", "COMPLETED"], history
+
+
+def test_ldit_train_on_two_nodes(tmp_path, capsys):
+    """`ldit train configs/dit/tiny_cpu.yaml --slurm`: DeepSpeed ZeRO-2 on 2 fake nodes × 2 ranks (gloo)
+    through the CLI, to the last step's checkpoint (the trainer's own tests check its numbers)."""
+    latent_set(tmp_path / "latents", sizes=(16,) * 8, shape=(32, 16, 16), classes=10)
+    argv = ["train", "configs/dit/tiny_cpu.yaml", f"data.shards={tmp_path / 'latents'}"]
+    argv += [f"run.root={tmp_path / 'runs'}", "run.name=slurm", "steps=10", "ckpt.every=10"]
+    argv += ["--slurm", "--cluster", str(LOCAL), f"cluster.folder={tmp_path}/logs/%j"]
+    assert main(argv) == 0
+    job_id = re.search(r"submitted SLURM job (\d+) ", capsys.readouterr().out).group(1)
+    job = submitit.SlurmJob(folder=f"{tmp_path}/logs/%j", job_id=job_id, tasks=range(4))
+    assert wait(job, 240) == "COMPLETED", logs(job)
+    assert job.results() == [None] * 4
+    assert (tmp_path / "runs" / "slurm" / "checkpoints" / "latest").read_text().strip() == "step-00000010"
