@@ -23,11 +23,11 @@ from data_prep.manifest import ShardSetError
 from models.weights import PretrainedWeightsError
 from slurm.config import ConfigError, help_text, to_yaml
 from slurm.jobs import JOBS, Job
-from trainer.common import StopRequested
+from trainer.common import NonFiniteLoss, StopRequested
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-USER_ERRORS = (ConfigError, ShardSetError, PretrainedWeightsError)
-"""Errors about the user's input, reported as one line instead of a traceback."""
+USER_ERRORS = (ConfigError, ShardSetError, PretrainedWeightsError, NonFiniteLoss)
+"""Errors about the user's input or data, reported as one line instead of a traceback."""
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -197,3 +197,80 @@ def test_world_size_must_divide_the_streams(latents, tmp_path):
     proc = train(latents, tmp_path, "bad", "data.streams=4", local=3, check=False)
     assert proc.returncode != 0
     assert "world size 3 must divide data.streams=4" in proc.stderr
+
+
+def test_activation_checkpointing_gives_the_same_losses(latents, straight, tmp_path):
+    train(latents, tmp_path, "ckpt-on", "steps=6", "ckpt.every=6", "grad_checkpointing=true")
+    assert losses(tmp_path, "ckpt-on") == losses(straight, "straight")
+    a, b = final_weights(straight, "straight"), final_weights(tmp_path, "ckpt-on")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_activation_checkpointing_cuts_saved_activations():
+    """Bytes autograd keeps for backward in one training forward of a 6-block model, off vs on."""
+    from models.lightningdit import LightningDiT, lightningdit_args
+
+    def saved_bytes(checkpointing: bool) -> int:
+        torch.manual_seed(0)
+        model = LightningDiT(lightningdit_args("S/1", in_channels=4, input_size=8, num_classes=3))
+        model.set_grad_checkpointing(checkpointing)
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        x, t, y = torch.randn(8, 4, 8, 8), torch.rand(8), torch.randint(0, 3, (8,))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x, t, y)
+        out.square().mean().backward()
+        return total
+
+    off, on = saved_bytes(False), saved_bytes(True)
+    print(
+        f"activations saved for backward: {off / 2**20:.2f} MiB without checkpointing, {on / 2**20:.2f} MiB with"
+    )
+    assert on < off / 3
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory, latents) -> Path:
+    """The latent set with one shard's samples replaced by NaN."""
+    import shutil
+
+    from data_prep.manifest import load_manifest
+
+    folder = tmp_path_factory.mktemp("poisoned")
+    shutil.copytree(latents, folder, dirs_exist_ok=True)
+    m = load_manifest(folder)
+    bad = np.full((4, 4, 4), np.nan, np.float32)
+    rows = [
+        {"__key__": f"nan{i}", "latent.npy": encode_npy(bad), "latent_flip.npy": encode_npy(bad), "cls": b"0"}
+        for i in range(8)
+    ]
+    m.shards[5] = write_shard(folder / m.shards[5].name, rows)
+    m.save(folder)
+    return folder
+
+
+def test_nonfinite_loss_stop_keeps_the_last_checkpoint(poisoned, tmp_path):
+    proc = train(poisoned, tmp_path, "stop", "steps=12", "ckpt.every=1", "nonfinite=stop", check=False)
+    assert proc.returncode == 1
+    assert "non-finite loss at step" in proc.stderr and "nonfinite=stop" in proc.stderr
+    latest = (tmp_path / "stop" / "checkpoints" / "latest").read_text()
+    ema = load_file(str(tmp_path / "stop" / "checkpoints" / latest / "ema.safetensors"))
+    assert all(torch.isfinite(v).all() for v in ema.values())
+
+
+def test_nonfinite_loss_skip_skips_the_update(poisoned, tmp_path):
+    train(poisoned, tmp_path, "skip", "steps=12", "ckpt.every=12", "nonfinite=skip")
+    entries = log(tmp_path, "skip")
+    assert entries[-1]["opt/skipped_steps"] >= 1
+    nan_steps = [e["step"] for e in entries if "loss/total" not in e]  # non-finite values are not logged
+    assert nan_steps and entries[-1]["opt/skipped_steps"] == len(nan_steps)
+    for path in ("export/latest/ema.safetensors",):
+        weights = load_file(str(tmp_path / "skip" / path))
+        assert all(torch.isfinite(v).all() for v in weights.values())
+    module = module_weights(tmp_path, "skip", 12)
+    assert all(torch.isfinite(v).all() for v in module.values())

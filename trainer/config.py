@@ -133,6 +133,12 @@ class DiTModelConfig:
     """LightningDiT size from the registry (reference §2.1): B/1, B/2, L/2, XL/1, XL/2, 1p0B/1, 1p6B/1, or a small test size."""
     use_qknorm: bool = False
     """RMSNorm on q and k before RoPE (off in the reference; suggested against NaN losses, §6)."""
+    depth: int = 0
+    """Override of the size's block count (0: the size's own), for scaling studies and benchmarks."""
+    hidden_size: int = 0
+    """Override of the size's width (0: the size's own)."""
+    num_heads: int = 0
+    """Override of the size's head count (0: the size's own)."""
 
 
 @dataclass
@@ -206,8 +212,6 @@ class TrainVAVAEConfig(TrainCommon):
     ema_decay: float = 0.0
     """Decay of the fp32 EMA of the autoencoder, which checkpoints hold and exports write. The reference keeps no
     EMA (§1.4); the default 0 makes the "EMA" the weights of the last step, so the export is the raw weights."""
-    init_seed: int = 0
-    """Seed of the weight initialisation (autoencoder, VF projection, discriminator)."""
 
     def validate(self) -> None:
         super().validate()

@@ -49,8 +49,13 @@ def model_args(cfg: TrainDiTConfig, manifest: Manifest) -> LightningDiTArgs:
     c, h, w = manifest.latent.shape
     if h != w:
         raise ShardSetError(f"latents of {cfg.data.shards} are {h}x{w}; LightningDiT takes square latents")
+    m = cfg.model
+    overrides = {
+        k: v for k, v in (("depth", m.depth), ("hidden_size", m.hidden_size), ("num_heads", m.num_heads)) if v
+    }
     return lightningdit_args(
         cfg.model.size,
+        **overrides,
         in_channels=c,
         input_size=h,
         num_classes=len(manifest.classes),
@@ -74,6 +79,7 @@ def step_draws(cfg: TrainDiTConfig, step: int, positions: torch.Tensor, shape: t
 def train(cfg: TrainDiTConfig) -> None:
     topo = topology(cfg)
     run_dir = cfg.run.dir
+    run_dir.mkdir(parents=True, exist_ok=True)
     manifest = open_shard_set(cfg.data.shards, "latents")
     if manifest.latent is None or not manifest.latent.std:
         raise ShardSetError(
