@@ -1,0 +1,372 @@
+"""VA-VAE training: the autoencoder and the PatchGAN discriminator as two DeepSpeed ZeRO-2 engines
+(reference §1.2-1.4).
+
+The loop in :func:`train` reads top to bottom: data → autoencoder loss → AE backward → AE step →
+discriminator loss on the same batch (reconstructions detached) → D backward → D step → EMA → log →
+checkpoint → reconstruction grid. Choices, and where they differ from the reference:
+
+- Two engines (ecosystem §2.1). The AE engine trains the autoencoder and the VF projection `linear_proj`
+  (unless `loss.proj_fix`), as the reference's AE optimizer does (§1.2). The generator term runs the
+  reconstructions through the discriminator with its parameters frozen, so the AE backward never reaches
+  engine D (DeepSpeed #4923); the reference instead lets it run and zeroes D's gradients.
+- Adaptive weights (§1.2, §1.3) are `torch.autograd.grad` at `encoder.conv_out.weight` and
+  `decoder.conv_out.weight` of the engine's own module: no `.grad` is written, no ZeRO hook fires. The
+  losses are computed in fp32: reconstructions and posterior moments leave the engine in fp32, and LPIPS
+  and the foundation model stay fp32 outside every engine. In bf16 the gradients at the last layers are
+  bf16 (the module's dtype), so the two weights carry bf16 precision (~3 significant digits).
+- The posterior noise of each sample is keyed on (seed, step, its place in the global batch), as
+  the DiT's draws: a resumed run, or one at another world size, reproduces it.
+- `disc_start` is counted on Lightning's clock by default (`loss.disc_start_clock`): see :func:`gan_steps`.
+- EMA: the reference keeps none (§1.4). An fp32 EMA of the autoencoder is saved with every checkpoint and
+  exported; its default decay 0 makes it the last step's weights, i.e. the export is the raw weights.
+- Exports hold the autoencoder under the reference's keys (`ldit extract-latents vavae=<run>/export/latest`
+  loads them) plus `training_extras.safetensors`: `linear_proj.weight` and `loss.discriminator.*` under
+  the reference's Lightning checkpoint keys. `init_from` loads all three, as the reference's stage chain
+  does with its whole Lightning state_dict (§1.4); optimizers start afresh, as there.
+- MFU is not logged: there is no analytic FLOP count for the autoencoder + LPIPS + foundation step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from data_prep.reader import StreamReader, image_decoder, open_shard_set
+from models.discriminator import NLayerDiscriminator
+from models.ema import EMA
+from models.export import load_vavae
+from models.foundation import FoundationModel
+from models.lpips import LPIPS
+from models.vavae import (
+    VF_PROJECTION_KEY,
+    AutoencoderArgs,
+    AutoencoderKL,
+    DiagonalGaussianDistribution,
+    autoencoder_args,
+    load_reference_checkpoint,
+)
+from models.vavae_losses import VAVAELoss, VAVAELossArgs
+from models.weights import read_state_dict
+from trainer.checkpoint import EMA_FILE, Checkpointer, step_name
+from trainer.common import (
+    Logger,
+    Meter,
+    NonFiniteLoss,
+    StopRequested,
+    StopSignals,
+    agree,
+    mean_over_ranks,
+    memory_bytes,
+    optimizer_state_bytes,
+    per_sample_normal,
+    print0,
+    topology,
+)
+from trainer.config import TrainVAVAEConfig
+from trainer.engine import build_engine, deepspeed_config
+from trainer.export import export_weights
+
+TRAINING_EXTRAS = "training_extras.safetensors"
+"""File of an export folder with the trained weights that are not the autoencoder (VF projection, D)."""
+DISC_PREFIX = "loss.discriminator."
+"""Key prefix of the discriminator in the reference's Lightning training checkpoint (§8.2)."""
+
+
+class AutoencoderObjective(nn.Module):
+    """The AE engine's module: the autoencoder and the VF projection, trained by one optimizer (§1.2, §1.4).
+
+    Its forward is the whole autoencoder loss, so the adaptive weights' `torch.autograd.grad` calls run
+    before DeepSpeed hooks the outputs (a backward through hooked outputs starts the engine's reduction).
+    """
+
+    def __init__(self, autoencoder: AutoencoderKL, linear_proj: nn.Module | None) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.linear_proj = linear_proj
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        eps: torch.Tensor,
+        loss_fn: VAVAELoss,
+        global_step: int,
+        discriminator: Callable,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Images (B, 3, H, W) fp32 in [-1, 1], noise (B, C, h, w) → (total loss, its terms, reconstruction).
+
+        z = mean + std·eps is the reference's `posterior.sample()` (§1.2) with the noise given. The loss is
+        computed in fp32; z stays in the module's dtype because it feeds the decoder and the projection.
+        """
+        ae = self.autoencoder
+        dtype = ae.encoder.conv_in.weight.dtype
+        moments = ae.quant_conv(ae.encoder(x.to(dtype)))  # (B, 2C, h, w)
+        posterior = DiagonalGaussianDistribution(moments.float())
+        z = (posterior.mean + posterior.std * eps).to(dtype)  # (B, C, h, w)
+        xrec = ae.decode(z).float()  # (B, 3, H, W)
+        total, logs = loss_fn.autoencoder_loss(
+            x,
+            xrec,
+            posterior,
+            z,
+            global_step,
+            discriminator,
+            ae.encoder.conv_out.weight,
+            ae.decoder.conv_out.weight,
+        )
+        return total, logs, xrec.detach()
+
+
+class DiscriminatorObjective(nn.Module):
+    """The D engine's module: the PatchGAN; its forward is the hinge loss on (x, detached x̂) (§1.3)."""
+
+    def __init__(self, discriminator: NLayerDiscriminator) -> None:
+        super().__init__()
+        self.discriminator = discriminator
+
+    def forward(
+        self, x: torch.Tensor, xrec: torch.Tensor, loss_fn: VAVAELoss, global_step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        dtype = self.discriminator.main[0].weight.dtype
+        return loss_fn.discriminator_loss(x, xrec, global_step, fp32_out(self.discriminator, dtype))
+
+
+def gan_steps(clock: str, step: int) -> tuple[int, int]:
+    """The global_step the AE loss and the D loss compare with disc_start at iteration `step` (0-based).
+
+    The reference optimises manually with two optimizers in Lightning, whose global_step counts every
+    optimizer step: 2·step at the AE loss, 2·step + 1 at the D loss (`lightning`). `step` counts iterations.
+    """
+    return (2 * step, 2 * step + 1) if clock == "lightning" else (step, step)
+
+
+def build_loss(cfg: TrainVAVAEConfig, args: AutoencoderArgs) -> VAVAELoss:
+    """The reference losses (§1.2, §1.3) with their frozen LPIPS and foundation model, from local files if given."""
+    c = cfg.loss
+    lpips = None
+    if c.perceptual_weight > 0:
+        lpips = LPIPS(
+            vgg_weights=c.vgg16_weights or None, heads_weights=c.lpips_weights or None,
+            vgg_config_key="loss.vgg16_weights", heads_config_key="loss.lpips_weights",
+        )  # fmt: skip
+    foundation = None
+    if c.use_vf:
+        foundation = FoundationModel(
+            c.foundation, c.foundation_timm_name or None, weights=c.foundation_weights or None,
+            resize=None if c.foundation_resize < 0 else c.foundation_resize, config_key="loss.foundation_weights",
+        )  # fmt: skip
+        patch = foundation.model.patch_embed.patch_size[0]
+        tokens = (foundation.resize or cfg.image_size) // patch
+        latent = cfg.image_size // 2 ** (len(args.ch_mult) - 1)
+        if tokens != latent:
+            raise ValueError(
+                f"the foundation model sees {tokens}x{tokens} tokens but the latents are {latent}x{latent}: "
+                f"set loss.foundation_resize={latent * patch}"
+            )
+    loss_args = VAVAELossArgs(
+        perceptual_weight=c.perceptual_weight, kl_weight=c.kl_weight, disc_start=c.disc_start,
+        disc_weight=c.disc_weight, use_vf=c.use_vf, vf_weight=c.vf_weight, distmat_margin=c.distmat_margin,
+        cos_margin=c.cos_margin, proj_fix=c.proj_fix,
+    )  # fmt: skip
+    return VAVAELoss(loss_args, lpips, foundation, latent_channels=args.embed_dim)
+
+
+def load_init(path: str, autoencoder: AutoencoderKL, proj: nn.Module | None, disc: nn.Module) -> str:
+    """Start from a previous stage (§1.4): an export folder (autoencoder + training extras) or a reference
+    checkpoint file (its `linear_proj.weight` and `loss.discriminator.*` too, when present)."""
+    p = Path(path)
+    if p.is_dir():
+        autoencoder.load_state_dict(load_vavae(p).state_dict(), strict=True)
+        extras = read_state_dict(p / TRAINING_EXTRAS) if (p / TRAINING_EXTRAS).is_file() else {}
+        if proj is not None and VF_PROJECTION_KEY in extras:
+            proj.load_state_dict({"weight": extras[VF_PROJECTION_KEY]}, strict=True)
+    else:
+        extras = read_state_dict(p)
+        load_reference_checkpoint(extras, autoencoder, proj)
+    carried = ["autoencoder"] + (["linear_proj"] if proj is not None and VF_PROJECTION_KEY in extras else [])
+    d_state = {k.removeprefix(DISC_PREFIX): v for k, v in extras.items() if k.startswith(DISC_PREFIX)}
+    if d_state:
+        disc.load_state_dict(d_state, strict=True)
+        carried.append("discriminator")
+    return f"initialised {', '.join(carried)} from {path}"
+
+
+def training_extras(proj: nn.Module | None, disc: nn.Module) -> dict[str, torch.Tensor]:
+    """The VF projection and the discriminator (weights and BatchNorm statistics) under reference keys, fp32."""
+    out = {VF_PROJECTION_KEY: proj.weight} if proj is not None else {}
+    out |= {DISC_PREFIX + k: v for k, v in disc.state_dict().items()}
+    return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Parameters of `module` need no gradient inside the block (the graph built there never reaches them)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def fp32_out(net: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> Callable:
+    """`net` fed in the engine's dtype, answering in fp32 (the losses are computed in fp32)."""
+    return lambda images: net(images.to(dtype)).float()
+
+
+def train(cfg: TrainVAVAEConfig) -> None:
+    topo = topology(cfg)
+    run_dir = cfg.run.dir
+    manifest = open_shard_set(cfg.data.shards, "images")
+    args = autoencoder_args(cfg.model)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every attempt
+    autoencoder, discriminator = AutoencoderKL(args), NLayerDiscriminator()
+    loss_fn = build_loss(cfg, args).to(topo.device)
+    ckpts = Checkpointer(run_dir, cfg.ckpt.keep_last, cfg.ckpt.milestone_every)
+    resume = ckpts.latest()
+    if resume is None and cfg.init_from:
+        print0(load_init(cfg.init_from, autoencoder, loss_fn.linear_proj, discriminator))
+    autoencoder.set_grad_checkpointing(cfg.grad_checkpointing)
+    ema = EMA(autoencoder, cfg.ema_decay)  # fp32, from the fp32 weights, before DeepSpeed casts the module
+    elastic = resume is not None and resume.meta["world_size"] != topo.world_size
+    ds_config = deepspeed_config(
+        micro_batch=topo.micro_batch, grad_accum=topo.grad_accum, world_size=topo.world_size,
+        dtype=topo.dtype, grad_clip=cfg.optim.grad_clip, zero_stage=cfg.zero_stage, load_universal=elastic,
+    )  # fmt: skip
+    engines = {}
+    for name, module in (
+        ("autoencoder", AutoencoderObjective(autoencoder, loss_fn.linear_proj)),
+        ("discriminator", DiscriminatorObjective(discriminator)),
+    ):
+        engines[name] = build_engine(
+            module, [p for p in module.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=cfg.optim.betas,
+            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps,
+            ds_config=ds_config,
+        )  # fmt: skip
+    ae_engine, d_engine = engines["autoencoder"], engines["discriminator"]
+    discriminator.to(topo.dtype)  # DeepSpeed casts parameters only; BatchNorm wants its statistics alike
+    step = 0
+    if resume is not None:
+        ckpts.load(resume, engines)
+        ema.load_state_dict(read_state_dict(resume.path / EMA_FILE))
+        step = resume.step
+        print0(
+            f"resumed {cfg.run.name} at step {step}" + (" (elastic: universal checkpoint)" if elastic else "")
+        )
+    if topo.rank == 0:
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
+        (run_dir / "topology.json").write_text(json.dumps(topo.describe(), indent=1))
+    reader = StreamReader(
+        cfg.data.shards, manifest, seed=cfg.data.seed, global_batch=cfg.data.global_batch,
+        streams=cfg.data.streams, rank=topo.rank, world_size=topo.world_size,
+        decode=image_decoder(cfg.image_size, "random"), workers=cfg.data.workers,
+        pin_memory=topo.device.type == "cuda",
+    )  # fmt: skip
+    side = cfg.image_size // autoencoder.downsample_factor
+    signals, logger, meter = StopSignals(), Logger(run_dir, step), Meter()
+    sums: dict[str, float] = {}
+    skipped = 0
+    batches = reader.batches(step)
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            batch = next(batches)  # data
+            t1 = time.perf_counter()
+            x = batch.x.to(topo.device, non_blocking=True)  # (b, 3, H, W) in [-1, 1]
+            eps = per_sample_normal(cfg.seed, step, batch.positions, (args.embed_dim, side, side))
+            eps = eps.to(topo.device)
+            ae_clock, d_clock = gan_steps(cfg.loss.disc_start_clock, step)
+            finite = True
+            for i in range(topo.grad_accum):
+                sl = slice(i * topo.micro_batch, (i + 1) * topo.micro_batch)
+                with frozen(discriminator):  # the AE backward must not enter engine D (DeepSpeed #4923)
+                    ae_loss, ae_logs, xrec = ae_engine(  # loss (§1.3 total, adaptive weights included)
+                        x[sl], eps[sl], loss_fn, ae_clock, fp32_out(discriminator, topo.dtype)
+                    )
+                ae_engine.backward(ae_loss)  # backward
+                ae_engine.step()  # step (applied at the accumulation boundary)
+                d_loss, d_logs = d_engine(x[sl], xrec, loss_fn, d_clock)  # D on the same batch, x̂ detached
+                d_engine.backward(d_loss)
+                d_engine.step()
+                logs = {f"loss/ae/{k}": v for k, v in ae_logs.items()}
+                logs |= {f"loss/disc/{k}": v for k, v in d_logs.items()}
+                values = dict(zip(logs, torch.stack(list(logs.values())).float().tolist()))  # one host sync
+                finite &= all(math.isfinite(values[k]) for k in ("loss/ae/total", "loss/disc/disc_loss"))
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v / topo.grad_accum
+            nonfinite, stopping = agree(not finite, signals.received is not None)
+            if nonfinite and cfg.nonfinite == "stop":
+                raise NonFiniteLoss(
+                    f"non-finite loss at step {step} (nonfinite=stop); the last checkpoint is intact"
+                )
+            step += 1
+            if ae_engine.was_step_applied():
+                ema.update(autoencoder)  # EMA
+            else:
+                skipped += 1
+            meter.add(topo.global_batch, t1 - t0, time.perf_counter() - t0)
+            if step % cfg.log.every == 0 or step == cfg.steps:  # log
+                values = mean_over_ranks({k: v / meter.steps for k, v in sums.items()})
+                perf = meter.summary(topo.world_size, 0.0, 1.0)  # no analytic FLOPs: MFU left out
+                values |= {k: v for k, v in perf.items() if k != "perf/mfu"}
+                for name, engine in engines.items():
+                    values[f"opt/{name}/lr"] = engine.get_lr()[0]
+                    values[f"opt/{name}/grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+                    values[f"sys/{name}/optimizer_state_mb_rank0"] = optimizer_state_bytes(engine) / 2**20
+                values |= {
+                    "opt/skipped_steps": float(skipped),
+                    "sys/memory_gb": memory_bytes(topo.device) / 2**30,
+                }
+                logger.scalars(step, values)
+                print0(f"step {step}/{cfg.steps} loss {values['loss/ae/total']:.4f} nll {values['loss/ae/nll']:.4f} "
+                       f"disc {values['loss/disc/disc_loss']:.4f} {values['perf/samples_per_s']:.1f} samples/s")  # fmt: skip
+                sums, _ = {}, meter.reset()
+            if step % cfg.ckpt.every == 0 or step == cfg.steps or stopping:  # checkpoint
+                meta = {"samples_seen": step * topo.global_batch, "config": asdict(cfg), **topo.describe(),
+                        "zero_stage": cfg.zero_stage, "kind": "vavae", "model_args": asdict(args)}  # fmt: skip
+                ckpts.save(step, engines, ema.state_dict(), meta)
+            if cfg.log.sample_every and (step % cfg.log.sample_every == 0 or step == cfg.steps):  # samples
+                reconstruction_grid(x[sl], xrec, step, run_dir, logger)
+            if stopping:
+                raise StopRequested(f"stopped by signal {signals.received} at step {step}, checkpoint saved")
+    finally:
+        signals.restore()
+        logger.close()
+    if topo.rank == 0:
+        folder = run_dir / "export" / step_name(step)
+        folder.mkdir(parents=True, exist_ok=True)
+        from safetensors.torch import save_file
+
+        save_file(training_extras(loss_fn.linear_proj, discriminator), str(folder / TRAINING_EXTRAS))
+        export_weights(
+            run_dir, step, AutoencoderKL(replace(args, grad_checkpointing=False)), ema.state_dict(), cfg
+        )
+    dist.barrier()
+
+
+@torch.no_grad()
+def reconstruction_grid(
+    x: torch.Tensor, xrec: torch.Tensor, step: int, run_dir: Path, logger: Logger
+) -> None:
+    """Rank 0: up to 8 inputs of this step (top row) above their training reconstructions (bottom row)."""
+    if dist.get_rank() != 0:
+        return
+    import torchvision
+
+    n = min(len(x), 8)
+    images = torch.cat([x[:n].float(), xrec[:n].float().clamp(-1, 1)])
+    grid = torchvision.utils.make_grid((images + 1) / 2, nrow=n, padding=1).clamp(0, 1)
+    grid8 = (grid * 255).round().to(torch.uint8).cpu()
+    (run_dir / "samples").mkdir(exist_ok=True)
+    torchvision.io.write_png(grid8, str(run_dir / "samples" / f"step-{step:08d}.png"))
+    logger.images(step, "samples/reconstructions", grid8)
