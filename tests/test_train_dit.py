@@ -274,3 +274,33 @@ def test_nonfinite_loss_skip_skips_the_update(poisoned, tmp_path):
         assert all(torch.isfinite(v).all() for v in weights.values())
     module = module_weights(tmp_path, "skip", 12)
     assert all(torch.isfinite(v).all() for v in module.values())
+
+
+def test_export_job_writes_reference_keys(straight, tmp_path):
+    import shutil
+
+    from models.export import load_lightningdit
+
+    shutil.copytree(straight / "straight", tmp_path / "straight", symlinks=True)
+    straight = tmp_path  # the fixture's own export/latest stays as the other tests expect
+    proc = subprocess.run(
+        [sys.executable, "-m", "slurm.cli", "export", f"run.root={straight}", "run.name=straight", "step=3"],
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = straight / "straight" / "export" / "step-00000003"
+    assert f"exported step-00000003 of straight to {folder}" in proc.stdout
+    ema = load_file(str(straight / "straight" / "checkpoints" / "step-00000003" / "ema.safetensors"))
+    exported = load_file(str(folder / "ema.safetensors"))
+    assert exported.keys() == ema.keys() and all(torch.equal(exported[k], ema[k]) for k in ema)
+    assert {"pos_embed", "x_embedder.proj.weight", "feat_rope.freqs_cos", "blocks.0.mlp.w12.weight"} <= set(
+        exported
+    )
+    model = load_lightningdit(folder)  # strict key match
+    assert model.args.depth == 2 and (folder / "config.yaml").is_file()
+    assert os.readlink(straight / "straight" / "export" / "latest") == "step-00000003"
+    bad = subprocess.run(
+        [sys.executable, "-m", "slurm.cli", "export", f"run.root={straight}", "run.name=nope"],
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode != 0 and f"{straight / 'nope'} has no complete checkpoint to export" in bad.stderr
