@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import mmap
 import os
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
@@ -39,14 +40,15 @@ def encode_npy(arr: np.ndarray) -> bytes:
 
 
 @lru_cache(maxsize=64)
-def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...]]:
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
     meta = ast.literal_eval(header.decode("latin1"))
     dtype = np.dtype(meta["descr"])
     if dtype.hasobject or meta["fortran_order"]:
         raise ValueError(
             f"refusing .npy with dtype {dtype} (fortran order {meta['fortran_order']}): not a plain array"
         )
-    return dtype, tuple(meta["shape"])
+    shape = tuple(meta["shape"])
+    return dtype, shape, int(np.prod(shape, dtype=np.int64))
 
 
 def decode_npy(data: bytes | memoryview) -> np.ndarray:
@@ -58,8 +60,7 @@ def decode_npy(data: bytes | memoryview) -> np.ndarray:
         start, hlen = 10, int.from_bytes(buf[8:10], "little")
     else:
         start, hlen = 12, int.from_bytes(buf[8:12], "little")
-    dtype, shape = _npy_header(bytes(buf[start : start + hlen]))
-    count = int(np.prod(shape, dtype=np.int64))
+    dtype, shape, count = _npy_header(bytes(buf[start : start + hlen]))
     return np.frombuffer(buf, dtype=dtype, count=count, offset=start + hlen).reshape(shape)
 
 
@@ -102,7 +103,7 @@ def _pax(data: memoryview) -> dict[str, str]:
     return out
 
 
-def tar_members(data: bytes, where: str) -> Iterator[tuple[str, memoryview]]:
+def tar_members(data: bytes | mmap.mmap, where: str) -> Iterator[tuple[str, memoryview]]:
     """(path, contents) of every regular file in an uncompressed tar held in memory."""
     buf, pos, long_name, pax = memoryview(data), 0, None, {}
     while pos + 512 <= len(buf):
@@ -141,8 +142,13 @@ def read_shard(url: str, expected_count: int | None = None) -> list[dict[str, by
     Raises ShardSetError naming the shard if it is not a tar, holds a member of an unknown extension
     (e.g. a pickle), or a different number of samples than `expected_count`.
     """
-    with wds.gopen(url, "rb") as stream:
-        data = stream.read()
+    data: bytes | mmap.mmap
+    if os.path.isfile(url):  # a local file: map it, and copy only the members that are decoded
+        with open(url, "rb") as f:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+    else:
+        with wds.gopen(url, "rb") as stream:
+            data = stream.read()
     samples: list[dict] = []
     current: dict | None = None
     for path, body in tar_members(data, url):
