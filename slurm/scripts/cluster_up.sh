@@ -22,6 +22,11 @@ start_ns=$(date +%s%N)
 elapsed() { local ms=$(( ($(date +%s%N) - start_ns) / 1000000 )); printf '%d.%d' $((ms / 1000)) $((ms % 1000 / 100)); }
 say() { echo "cluster_up [$(elapsed) s]: $*"; }
 die() { echo "cluster_up: ERROR: $*" >&2; exit 1; }
+# PIDs of the processes named $1 (what pgrep -x does; procps is not in a minimal Debian image).
+running() {
+    local f
+    for f in /proc/[0-9]*/comm; do [[ "$(cat "$f" 2>/dev/null)" != "$1" ]] || echo "${f//[^0-9]/}"; done
+}
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (starts munged, mariadbd and the SLURM daemons)"
 
@@ -33,7 +38,7 @@ recorded=("$base"/current/pids/*.pid)
 if [[ -e "${recorded[0]}" ]]; then
     healthy=1
     for d in "${daemons[@]}"; do alive "$d" || healthy=0; done
-    pgrep -x munged >/dev/null || healthy=0
+    [[ -n "$(running munged)" ]] || healthy=0
     if [[ $healthy -eq 1 ]] && [[ "$(sinfo -h -N -o '%N %t' 2>/dev/null | sort -u | tr '\n' ' ')" =~ n1\ (idle|mix|alloc).*n2\ (idle|mix|alloc) ]]; then
         say "already running (state $(readlink -f "$base/current")); nothing to do"
         exit 0
@@ -44,8 +49,8 @@ fi
 
 # Refuse to start next to daemons this script does not know about (their ports and state would clash).
 for d in slurmctld slurmd slurmdbd; do
-    if pgrep -x "$d" >/dev/null; then
-        die "a $d not started by this script is running (pid $(pgrep -x "$d" | tr '\n' ' ')); stop it first"
+    if [[ -n "$(running "$d")" ]]; then
+        die "a $d not started by this script is running (pid $(running "$d" | tr '\n' ' ')); stop it first"
     fi
 done
 
@@ -102,9 +107,9 @@ chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
 mkdir -p /run/munge /var/lib/munge /var/log/munge && chown munge:munge /run/munge /var/lib/munge /var/log/munge
 chown munge:munge "$state/pids" "$state/log" 2>/dev/null || true
 chmod 1777 "$state/pids" "$state/log" # munged (user munge) writes here too; sticky, as munged demands
-if pgrep -x munged >/dev/null; then
+if [[ -n "$(running munged)" ]]; then
     # munged is shared with anything else on the machine; reuse it, but do not record (or stop) it.
-    say "munged already running (pid $(pgrep -x munged | head -1)); reusing it"
+    say "munged already running (pid $(running munged | head -1)); reusing it"
 else
     runuser -u munge -- /usr/sbin/munged --pid-file="$state/pids/munged.pid" --log-file="$state/log/munged.log" --force
 fi
