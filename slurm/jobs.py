@@ -109,7 +109,12 @@ JOBS: dict[str, Job] = {
             {"": ExtractLatentsConfig},
             "data_prep.extract_latents:run",
         ),
-        Job("ref-stats", "image shard set → FID reference statistics (.npz)", {"": RefStatsConfig}, issue=9),
+        Job(
+            "ref-stats",
+            "image shard set → FID reference statistics (.npz)",
+            {"": RefStatsConfig},
+            "eval.ref_stats:run",
+        ),
         Job(
             "train",
             "train a LightningDiT (kind=dit) or a VA-VAE (kind=vavae)",
@@ -120,7 +125,7 @@ JOBS: dict[str, Job] = {
             "eval",
             "sample + FID of a DiT run, or reconstruction metrics of a VA-VAE run",
             {"": EvalConfig},
-            issue=9,
+            "eval.job:run",
         ),
         Job(
             "export",
