@@ -207,6 +207,12 @@ def resolve_export(cfg: EvalConfig) -> tuple[Path, int]:
     return folder, step
 
 
+def in_run(folder: Path, cfg: EvalConfig) -> str:
+    """The export folder relative to the run directory (`export/step-N`), so a moved run reads the same."""
+    run_dir = cfg.run.dir.resolve()
+    return str(folder.relative_to(run_dir)) if folder.is_relative_to(run_dir) else str(folder)
+
+
 def export_run_config(folder: Path) -> TrainCommon | None:
     """The training config saved with an export (`config.yaml`), typed by its kind; None if absent."""
     path = folder / "config.yaml"
@@ -235,7 +241,7 @@ def already_done(out_dir: Path) -> bool:
     path = out_dir / METRICS
     if not path.is_file():
         return False
-    if dist.get_rank() == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"eval: {path} exists; not redoing it\n{path.read_text()}", end="", flush=True)
     return True
 

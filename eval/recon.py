@@ -33,6 +33,7 @@ from eval.job import (
     Outputs,
     already_done,
     export_run_config,
+    in_run,
     inception_doc,
     index_seed,
     json_text,
@@ -84,7 +85,6 @@ def recon_metrics(real: torch.Tensor, fake: torch.Tensor, lpips: torch.nn.Module
 
 def evaluate_vavae(cfg: EvalConfig, folder: Path, step: int) -> None:
     """Reconstruct the first `num_samples` images of `images` over all ranks; write `<run>/eval/<name>/metrics.json`."""
-    rank = dist.get_rank()
     if not cfg.images:
         raise ConfigError(
             f"{folder} holds a VA-VAE: set images= to a held-out image shard set to reconstruct"
@@ -102,6 +102,7 @@ def evaluate_vavae(cfg: EvalConfig, folder: Path, step: int) -> None:
     out_dir = cfg.run.dir / "eval" / name
     if already_done(out_dir):
         return
+    rank = dist.get_rank()
     run_cfg = export_run_config(folder)
     loss = run_cfg.loss if isinstance(run_cfg, TrainVAVAEConfig) else None
     dev = device()
@@ -170,7 +171,7 @@ def evaluate_vavae(cfg: EvalConfig, folder: Path, step: int) -> None:
         "job": "ldit eval (VA-VAE reconstruction)",
         "name": name,
         "metrics": metrics,
-        "export": {"path": str(folder), "step": step, "weights_sha256": weights_sha256(folder)},
+        "export": {"path": in_run(folder, cfg), "step": step, "weights_sha256": weights_sha256(folder)},
         "images": {"path": str(cfg.images), "num_images": n, "crop": f"ADM center crop {cfg.image_size}"},
         "inception": inception_doc(cfg.inception_weights),
         "protocol": {

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data_prep.manifest import ShardSetError, load_manifest
+from data_prep.manifest import MANIFEST, ShardSetError, load_manifest
 from eval.config import EvalConfig
 from eval.inception import FEATURE_DIMS, InceptionFeatures
 from eval.job import (
@@ -43,6 +43,7 @@ from eval.job import (
     already_done,
     check_file,
     export_run_config,
+    in_run,
     inception_doc,
     index_seed,
     json_text,
@@ -156,7 +157,6 @@ def _reference_pool(cfg: EvalConfig, ref: ReferenceStats, path: Path, net: Incep
 
 def evaluate_dit(cfg: EvalConfig, folder: Path, step: int) -> None:
     """Sample `num_samples` images over all ranks and write `<run>/eval/<name>/metrics.json` (see module doc)."""
-    rank = dist.get_rank()
     ref_path = check_file(
         cfg.reference, "reference", "an ADM reference batch .npz or one written by ldit ref-stats"
     )
@@ -169,6 +169,7 @@ def evaluate_dit(cfg: EvalConfig, folder: Path, step: int) -> None:
     except ValueError as exc:
         raise ConfigError(f"reference={cfg.reference}: {exc}") from None
     latents, vavae_path, (mean, std), vavae_source = _inputs(cfg, folder)
+    rank = dist.get_rank()
     s, n, b = cfg.sampler, cfg.num_samples, cfg.batch_size
     if n < max(cfg.is_splits, PR_K + 1, 2):
         raise ConfigError(f"num_samples={n} must be at least is_splits={cfg.is_splits} and {PR_K + 1}")
@@ -273,13 +274,13 @@ def evaluate_dit(cfg: EvalConfig, folder: Path, step: int) -> None:
         "job": "ldit eval (LightningDiT samples)",
         "name": name,
         "metrics": metrics,
-        "export": {"path": str(folder), "step": step, "weights_sha256": weights_sha256(folder)},
+        "export": {"path": in_run(folder, cfg), "step": step, "weights_sha256": weights_sha256(folder)},
         "vavae": {
             "path": str(vavae_path),
             "from": vavae_source,
             "weights_sha256": weights_sha256(vavae_path),
         },
-        "latent_stats": {"shards": str(latents), "mean": mean.tolist(), "std": std.tolist()},
+        "latent_stats": {"shards": str(latents), "manifest_sha256": sha256_file(Path(latents) / MANIFEST)},
         "reference": {
             "path": str(ref_path),
             "sha256": sha256_file(ref_path),

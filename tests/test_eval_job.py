@@ -23,16 +23,17 @@ from data_prep.manifest import ClassInfo, LatentInfo, Manifest, load_manifest
 from data_prep.shards import read_shard
 from eval.config import EvalConfig, SamplerConfig
 from eval.inception import WEIGHTS_FILE, InceptionFeatures, extract_features, random_weights
-from eval.job import NpzWriter, index_seed, json_text
+from eval.job import NpzWriter, index_seed, json_text, run
 from eval.metrics import FeatureStats, frechet_distance, load_reference, mean_cov
 from eval.recon import crop_uint8, recon_metrics, reconstruct
 from eval.ref_stats import pool_subset
-from eval.sample_fid import eval_name, sample_label, sample_noise
-from models.export import load_lightningdit, load_vavae
+from eval.sample_fid import _reference_pool, eval_name, sample_label, sample_noise
+from models.export import load_lightningdit, load_vavae, weights_sha256
 from models.lightningdit import LightningDiT, lightningdit_args
 from models.lpips import LPIPS, VGG16Slices
 from models.samplers import cfg_model_fn, sample_ode
 from models.vavae import AutoencoderKL, autoencoder_args, images_to_uint8
+from slurm.config import ConfigError, load_config
 from tests.conftest import ROOT, clean_env
 from tests.data_fixtures import imagenet_folder
 from trainer.config import RunConfig, StreamConfig, TrainDiTConfig, TrainVAVAEConfig, VAVAELossConfig
@@ -106,6 +107,15 @@ def reference(world: dict[str, Path]) -> Path:
     return outs[0]
 
 
+def _config(world: dict[str, Path], name: str, *args: str) -> EvalConfig:
+    base = [
+        f"run.root={world['root'] / 'runs'}",
+        f"run.name={name}",
+        f"inception_weights={world['inception']}",
+    ]
+    return load_config(EvalConfig, [], [*base, *args])
+
+
 def _eval(world: dict[str, Path], run: str, *args: str, local: int = 0, check: bool = True):
     return ldit("eval", f"run.root={world['root'] / 'runs'}", f"run.name={run}",
                 f"inception_weights={world['inception']}", *args, local=local, check=check)  # fmt: skip
@@ -127,16 +137,24 @@ def test_ref_stats_match_a_direct_computation(world, reference):
     np.testing.assert_allclose(ref.pool, feats["pool"][subset].numpy(), atol=1e-4)
     with np.load(reference) as z:
         assert np.array_equal(z["arr_0"], crops[subset])  # the kept images, in shard order
-    again = ldit("ref-stats", f"images={world['images']}", f"out={reference}", "image_size=16")
-    assert "exists; not redoing it" in again.stdout
 
 
-def test_dit_eval_is_the_same_at_1_and_2_ranks_and_reruns_skip(world, reference, tmp_path):
-    args = (*DIT_ARGS, f"reference={reference}", "save_npz=true")
+@pytest.fixture(scope="module")
+def adm_reference(world: dict[str, Path], reference: Path) -> Path:
+    """The ref-stats file as an ADM reference batch: statistics and the images arr_0, no pool features."""
+    with np.load(reference) as z:
+        adm = {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "arr_0")}
+    path = world["root"] / "VIRTUAL_tiny.npz"
+    np.savez(path, **adm)
+    return path
+
+
+def test_dit_eval_is_the_same_at_1_and_2_ranks_and_reruns_skip(world, adm_reference, tmp_path, capsys):
+    args = (*DIT_ARGS, f"reference={adm_reference}", "save_npz=true")
     _eval(world, "dit", *args, local=2)
     cfg = EvalConfig(num_samples=N, sampler=SamplerConfig(points=8, cfg_scale=4.0, cfg_interval_start=0.3))
-    name = eval_name(cfg, 7, reference)
-    assert name == "step-00000007_euler8-shift0.3_cfg4-first3-from0.3_uniform_seed0_n16_ref2"
+    name = eval_name(cfg, 7, adm_reference)
+    assert name == "step-00000007_euler8-shift0.3_cfg4-first3-from0.3_uniform_seed0_n16_VIRTUAL_tiny"
     out = world["root"] / "runs" / "dit" / "eval" / name
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "metrics.json", "samples.npz", "timing.json"]
     first = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -154,11 +172,13 @@ def test_dit_eval_is_the_same_at_1_and_2_ranks_and_reruns_skip(world, reference,
     assert doc["vavae"]["path"] == str(world["vavae"]) and doc["vavae"]["from"].endswith(
         "latents/manifest.json"
     )
-    assert doc["reference"]["precision_recall_from"] == "pool (10 stored features)"
-    assert doc["sampling"]["batch_size"] == 6 and doc["export"]["step"] == 7
+    assert doc["reference"]["precision_recall_from"] == "arr_0 (10 images, pool features computed)"
+    assert doc["sampling"]["batch_size"] == 6 and doc["export"] == {
+        "path": "export/step-00000007", "step": 7, "weights_sha256": weights_sha256(world["dit"])
+    }  # fmt: skip
     assert (world["root"] / "runs" / "dit" / "tb").is_dir()
 
-    # Sample 3 (batch 0, rank 0) and sample 14 (batch 2) recomputed here, one at a time.
+    # Sample 3 (batch 0, rank 0) and sample 14 (batch 2, rank 0 in the second round) recomputed here.
     with np.load(out / "samples.npz") as z:
         samples = z["arr_0"]
     assert samples.shape == (N, 16, 16, 3) and samples.dtype == np.uint8
@@ -173,33 +193,31 @@ def test_dit_eval_is_the_same_at_1_and_2_ranks_and_reruns_skip(world, reference,
             img = images_to_uint8(vae.decode(z))[0].numpy()
         assert np.abs(img.astype(int) - samples[i].astype(int)).max() <= 1
 
-    again = _eval(world, "dit", *args)
-    assert "exists; not redoing it" in again.stdout and json.dumps(m["fid"]) in again.stdout
+    run(_config(world, "dit", *args))  # in-process: a finished evaluation needs no process group
+    printed = capsys.readouterr().out
+    assert "exists; not redoing it" in printed and json.dumps(m["fid"]) in printed
 
 
-def test_dit_eval_with_an_adm_style_reference(world, reference):
-    """A reference with mu/sigma and images (arr_0) but no pool features or sFID statistics, as ADM's."""
-    with np.load(reference) as z:
-        adm = {k: z[k] for k in ("mu", "sigma", "arr_0")}
-    path = world["root"] / "adm_style.npz"
-    np.savez(path, **adm)
-    _eval(world, "dit", *DIT_ARGS, f"reference={path}", "labels=balanced", "grid=0", "tensorboard=false")
-    name = "step-00000007_euler8-shift0.3_cfg4-first3-from0.3_balanced_seed0_n16_adm_style"
-    out = world["root"] / "runs" / "dit" / "eval" / name
-    doc = json.loads((out / "metrics.json").read_text())
-    assert doc["metrics"]["sfid"] is None and doc["reference"]["sfid"] is False
-    assert doc["reference"]["precision_recall_from"] == "arr_0 (10 images, pool features computed)"
-    assert 0 <= doc["metrics"]["precision"] <= 1
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "timing.json"]
+def test_labels_and_reference_pool(world, reference):
+    """Uniform labels from (seed, index), balanced ones cycling; a stored `pool` is used as it is."""
+    uniform = [sample_label(EvalConfig(seed=3), i, 5) for i in range(2000)]
+    assert np.bincount(uniform, minlength=5).min() > 340 and uniform == [
+        sample_label(EvalConfig(seed=3), i, 5) for i in range(2000)
+    ]
+    assert uniform != [sample_label(EvalConfig(seed=4), i, 5) for i in range(2000)]
+    assert [sample_label(EvalConfig(labels="balanced"), i, 3) for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    ref = load_reference(reference)
+    pool, how = _reference_pool(EvalConfig(), ref, reference, None)
+    assert how == "pool (10 stored features)" and np.array_equal(pool.numpy(), ref.pool)
 
 
 def test_vavae_eval_matches_a_direct_computation(world):
-    _eval(world, "vae", f"images={world['images']}", "image_size=32", "num_samples=0", "batch_size=3",
+    _eval(world, "vae", f"images={world['images']}", "image_size=32", "num_samples=10", "batch_size=3",
           "seed=5", local=2)  # fmt: skip
-    out = world["root"] / "runs" / "vae" / "eval" / "step-00000005_recon_images_crop32_seed5_n21"
+    out = world["root"] / "runs" / "vae" / "eval" / "step-00000005_recon_images_crop32_seed5_n10"
     doc = json.loads((out / "metrics.json").read_text())
     m = load_manifest(world["images"], "images")
-    samples = [s for sh in m.shards for s in read_shard(str(world["images"] / sh.name))]
+    samples = [s for sh in m.shards[:3] for s in read_shard(str(world["images"] / sh.name))][:10]  # 4 + 4 + 2
     real = torch.from_numpy(np.stack([crop_uint8(s, 32) for s in samples])).permute(0, 3, 1, 2)
     vae = load_vavae(world["vavae"]).eval()
     fake = reconstruct(vae, real, [str(s["__key__"]) for s in samples], seed=5)
@@ -212,7 +230,7 @@ def test_vavae_eval_matches_a_direct_computation(world):
     assert got["ssim"] == pytest.approx(per_image["ssim"].mean().item(), rel=1e-3)
     assert got["lpips"] == pytest.approx(per_image["lpips"].mean().item(), rel=1e-3)
     assert got["rfid"] == pytest.approx(rfid, rel=1e-2)
-    assert doc["protocol"]["psnr_infinite_images"] == 0 and doc["images"]["num_images"] == 21
+    assert doc["protocol"]["psnr_infinite_images"] == 0 and doc["images"]["num_images"] == 10
 
 
 def test_identity_reconstruction_metrics():
@@ -240,13 +258,39 @@ def test_npz_writer_is_deterministic_and_readable(tmp_path):
     assert index_seed(0, "noise", 1) != index_seed(0, "noise", 2) == index_seed(0, "noise", 2)
 
 
-def test_bad_input_is_named(world, reference):
+def test_bad_input_is_named(world, reference, tmp_path):
+    """Config mistakes found before any work (in-process: they come before the process group is used)."""
+    with pytest.raises(
+        ConfigError, match=r"run.name=nothing: no export .*/runs/nothing/export/latest \(exports: none\)"
+    ):
+        run(_config(world, "nothing", f"reference={reference}"))
+    with pytest.raises(
+        ConfigError, match=r"no export .*/dit/export/step-00000003 \(exports: step-00000007\)"
+    ):
+        run(_config(world, "dit", f"reference={reference}", "step=3"))
+    with pytest.raises(ConfigError, match=r"^reference is required: an ADM reference batch"):
+        run(_config(world, "dit"))
+    with pytest.raises(
+        ConfigError, match=r"^reference=/nonexistent/VIRTUAL_imagenet256_labeled.npz does not exist"
+    ):
+        run(_config(world, "dit", "reference=/nonexistent/VIRTUAL_imagenet256_labeled.npz"))
+    samples_only = tmp_path / "samples.npz"
+    np.savez(samples_only, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(ConfigError, match=r"samples.npz has no FID statistics \(keys: \['arr_0'\]\)"):
+        run(_config(world, "dit", f"reference={samples_only}"))
+    with pytest.raises(ConfigError, match=f"num_samples=99 but {world['images']} holds 21 images"):
+        run(_config(world, "vae", f"images={world['images']}", "num_samples=99"))
+    with pytest.raises(ConfigError, match="holds a VA-VAE: set images= to a held-out image shard set"):
+        run(_config(world, "vae"))
+
+
+def test_cli_prints_bad_input_as_an_error_line(world, reference):
     proc = _eval(world, "nothing", f"reference={reference}", check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "ldit eval: error: run.name=nothing: no export" in proc.stderr and "exports: none" in proc.stderr
-    proc = _eval(world, "dit", "reference=/nonexistent/VIRTUAL_imagenet256_labeled.npz", check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "reference=/nonexistent/VIRTUAL_imagenet256_labeled.npz does not exist" in proc.stderr
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert (
+        proc.stderr.startswith("ldit eval: error: run.name=nothing: no export")
+        and "Traceback" not in proc.stderr
+    )
     proc = _eval(world, "dit", *DIT_ARGS, f"reference={reference}", "seed=1",
                  "inception_weights=/nonexistent/inception.pth", check=False)  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
