@@ -26,7 +26,7 @@ from slurm.jobs import JOBS, Job
 from trainer.common import NonFiniteLoss, StopRequested
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-USER_ERRORS = (ConfigError, ShardSetError, PretrainedWeightsError, NonFiniteLoss)
+USER_ERRORS = (ConfigError, ShardSetError, PretrainedWeightsError, NonFiniteLoss, FileNotFoundError)
 """Errors about the user's input or data, reported as one line instead of a traceback."""
 
 
@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
             help="cluster file (configs/cluster/*.yaml) for --slurm; several are merged in order",
         )
         p.add_argument("--after", metavar="JOBID", help="with --slurm: start once job JOBID has succeeded")
+        if name == "sweep":
+            p.add_argument("--nodes", metavar="N,N,…", help="node counts, one job each (nodes=[…])")
+            p.add_argument("--steps", type=int, metavar="N", help="steps each job runs")
+            p.add_argument("--report", metavar="DIR", help="only write the report of the sweep in DIR")
     return parser
 
 
@@ -153,6 +157,19 @@ def _without_local(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _sweep_overrides(ns: argparse.Namespace, files: list[str], overrides: list[str]) -> list[str]:
+    out = [f"train={f}" for f in files[:1]] + overrides
+    if ns.nodes:
+        out.append(f"nodes=[{ns.nodes}]")
+    if ns.steps is not None:
+        out.append(f"steps={ns.steps}")
+    if ns.report:
+        out.append(f"report={ns.report}")
+    if ns.cluster:
+        out.append("cluster=[" + ",".join(str(Path(c).resolve()) for c in ns.cluster) + "]")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -162,7 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     ns.args += extra
     job = JOBS[ns.job]
+    if job.positional:  # bare arguments name the job's main input (`ldit status runs/x`)
+        ns.args = [
+            a if "=" in a or a.endswith((".yaml", ".yml")) else f"{job.positional}={a}" for a in ns.args
+        ]
     files, overrides = split_args(ns.args)
+    if job.name == "sweep":  # the sweep's YAML and --slurm/--cluster describe the jobs it starts
+        files, overrides = [], _sweep_overrides(ns, files, overrides)
+        ns.slurm, ns.cluster = False, None
     cluster_overrides = [o.removeprefix("cluster.") for o in overrides if o.startswith("cluster.")]
     overrides = [o for o in overrides if not o.startswith("cluster.")]
     if not ns.slurm and (ns.cluster or ns.after or cluster_overrides):
@@ -188,6 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         sjob = submit(job, files, overrides, cluster, after=ns.after)
         print(submission_message(sjob, cluster, ns.after), flush=True)
+        if hasattr(cfg, "run"):  # `ldit status <run dir>` lists the run's jobs
+            from slurm.cluster import describe
+            from slurm.status import record_submission
+
+            record_submission(cfg.run.dir, sjob.job_id, job.name, describe(cluster), ns.after)
         return EXIT_OK
     if ns.local:
         if ns.local < 1:

@@ -155,7 +155,7 @@ def _type_name(tp: Any) -> str:
     if origin is typing.Literal:
         return "{" + ", ".join(repr(a) for a in typing.get_args(tp)) + "}"
     if origin is not None:
-        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        args = ", ".join("..." if a is Ellipsis else _type_name(a) for a in typing.get_args(tp))
         name = getattr(origin, "__name__", str(origin))
         return "optional " + args.replace(", NoneType", "") if name == "Union" else f"{name}[{args}]"
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "None")

@@ -12,40 +12,158 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING
-
 from data_prep.config import ExtractLatentsConfig, PrepImagesConfig
 from eval.config import EvalConfig, RefStatsConfig
 from slurm.config import ConfigError, load_config, load_yaml_chain
-from trainer.config import TRAIN_KINDS, ExportConfig
+from slurm.status import StatusConfig
+from trainer.config import (
+    TRAIN_KINDS,
+    CheckpointConfig,
+    DiTModelConfig,
+    ExportConfig,
+    LogConfig,
+    OptimConfig,
+    RunConfig,
+    StreamConfig,
+    TrainDiTConfig,
+    TrainVAVAEConfig,
+    VAVAELossConfig,
+)
 
 
 @dataclass
 class SweepConfig:
-    """A scaling study: one SLURM job per node count, same global batch and data order."""
+    """A scaling study: one training job per node count, same global batch and data order (slurm/sweep.py)."""
 
-    train: str = MISSING
-    """Training config (YAML) every job of the sweep runs."""
+    train: str = ""
+    """Training config (YAML) every job of the sweep runs (the positional argument of `ldit sweep`)."""
     nodes: tuple[int, ...] = (1, 2, 4, 8)
-    """Node counts, one job each."""
+    """Node counts, one job each (`--nodes 1,2,4,8`)."""
     steps: int = 200
-    """Steps each job runs; the first 20% are excluded from the throughput figures as warm-up."""
+    """Steps each job runs (`--steps`); the first 20% are left out of the figures as warm-up."""
     out: str = "runs/sweeps"
-    """Folder of the sweep's runs and report."""
+    """Folder of the sweeps: the runs are <out>/<train run.name>/nodes-<n>."""
+    cluster: tuple[str, ...] = ()
+    """Cluster files (`--slurm --cluster FILE`): one SLURM job per node count. Empty: run on this machine."""
+    local_tasks_per_node: int = 1
+    """Without a cluster: processes per "node" (a node count n runs n times this many local processes)."""
+    wait: bool = True
+    """With a cluster: wait for the jobs and write the report; False: print the report command and return."""
+    report: str = ""
+    """Only write the report of this sweep folder (`--report DIR`)."""
+
+    def validate(self) -> None:
+        if not self.report and not self.train:
+            raise ValueError(
+                "ldit sweep needs a training config (ldit sweep CONFIG.yaml --nodes …) or --report DIR"
+            )
+        if not self.report and (not self.nodes or min(self.nodes) < 1):
+            raise ValueError(f"nodes={list(self.nodes)} must be positive node counts")
+
+
+def demo_vavae() -> TrainVAVAEConfig:
+    """The demo's VA-VAE run: the `digits` autoencoder (f8, 4 latent channels) on 32 px digits, fp32.
+
+    LPIPS and the VF loss are off: their VGG16 and DINOv2 weights cannot be downloaded offline (turn them on
+    with vavae.loss.perceptual_weight=1.0 vavae.loss.vgg16_weights=FILE, vavae.loss.use_vf=true
+    vavae.loss.foundation_weights=FILE). The GAN term starts after the run: in 300 steps it only adds noise.
+    """
+    return TrainVAVAEConfig(
+        run=RunConfig(name="vavae", root=""),
+        data=StreamConfig(shards="", global_batch=32, streams=8, workers=0),
+        optim=OptimConfig(lr=5e-4, betas=(0.5, 0.9), warmup_steps=20),
+        ckpt=CheckpointConfig(every=100, keep_last=1),
+        log=LogConfig(every=25, sample_every=100),
+        steps=300,
+        precision="fp32",
+        model="digits",
+        image_size=32,
+        loss=VAVAELossConfig(perceptual_weight=0.0, use_vf=False, disc_start=100000),
+    )
+
+
+def demo_dit() -> TrainDiTConfig:
+    """The demo's LightningDiT run on the digits' 4x4x4 latents, fp32; EMA decay 0.995 so that a run of a few
+    thousand steps forgets its start (0.9999 would still hold most of its initial weights)."""
+    return TrainDiTConfig(
+        run=RunConfig(name="dit", root=""),
+        data=StreamConfig(shards="", global_batch=128, streams=8, workers=0),
+        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.95), warmup_steps=50),
+        ckpt=CheckpointConfig(every=500, keep_last=1),
+        log=LogConfig(every=100, sample_every=500),
+        steps=2000,
+        precision="fp32",
+        model=DiTModelConfig(size="T/1"),
+        ema_decay=0.995,
+        label_dropout=0.1,
+    )
 
 
 @dataclass
 class DemoConfig:
-    """The whole pipeline on the embedded digits dataset, with 2 local processes."""
+    """The whole pipeline on the embedded digits dataset, each job on local processes (slurm/demo.py, issue #10).
+
+    `vavae` and `dit` are the two training runs, typed as `ldit train` configs; the demo sets their
+    run.root, data.shards and the DiT's `vavae` from `out`. A rerun skips finished stages and resumes
+    unfinished runs; a larger `dit.steps` continues the DiT run.
+    """
 
     out: str = "runs/demo"
-    """Folder for the demo's shard sets and runs."""
+    """Folder of everything the demo writes: digits, shard sets, runs, grids, summary.json."""
     processes: int = 2
-    """Local processes each training job runs on (DeepSpeed ZeRO-2, gloo)."""
-    vavae_steps: int = 600
-    """VA-VAE training steps."""
-    dit_steps: int = 1500
-    """DiT training steps."""
+    """Local processes each job runs on (DeepSpeed ZeRO-2 over gloo on CPU)."""
+    heldout_fraction: float = 0.2
+    """Fraction of the 1,797 digits held out of training (stratified by class), for the quality check."""
+    seed: int = 0
+    """Seed of the held-out split, the classifier and the sampling noise."""
+    limit: int = 0
+    """Use only this many of the digits (a seeded, class-stratified subset), for quick tests; 0: all 1,797."""
+    shard_samples: int = 96
+    """Images per shard (15 training shards: at least the runs' data.streams)."""
+    vavae: TrainVAVAEConfig = field(default_factory=demo_vavae)
+    """The VA-VAE run; its image_size is the side of the digits' PNGs (bicubic from 8x8, at least 32 for the PatchGAN)."""
+    dit: TrainDiTConfig = field(default_factory=demo_dit)
+    """The DiT run."""
+    samples_per_class: int = 50
+    """DiT samples per class the classifier scores (the grid shows the first 10 of each class)."""
+    cfg_scale: float = 2.0
+    """Classifier-free guidance scale of the samples, on all latent channels (1: no guidance)."""
+    sample_points: int = 33
+    """Time points of the Euler grid (33 points = 32 steps)."""
+    sample_shift: float = 1.0
+    """Timestep shift of the sampling grid (1: uniform; the reference uses 0.3 at 250 points)."""
+    inception_weights: str = ""
+    """torch-fidelity Inception weights file (`python -m eval.inception FILE`); given, the demo also runs
+    ref-stats and `ldit eval` for FID. Empty: FID is skipped."""
+    fid_samples: int = 1000
+    """Samples of the FID evaluation (when inception_weights is given)."""
+
+    def validate(self) -> None:
+        """Rules that fail before anything runs."""
+        if self.processes < 1:
+            raise ValueError(f"processes={self.processes} must be at least 1")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction={self.heldout_fraction} must be between 0 and 1")
+        if self.limit and self.limit < 50:
+            raise ValueError(
+                f"limit={self.limit} leaves too few digits per class; use 0 (all) or at least 50"
+            )
+        size = self.vavae.image_size
+        if size < 32 or size % 8:
+            raise ValueError(
+                f"vavae.image_size={size} must be a multiple of 8 and at least 32 (the PatchGAN's least)"
+            )
+        if min(self.samples_per_class, self.shard_samples, self.sample_points - 1) < 1:
+            raise ValueError("samples_per_class and shard_samples must be positive, sample_points at least 2")
+        for name, run in (("vavae", self.vavae), ("dit", self.dit)):
+            if run.run.root or run.data.shards:
+                raise ValueError(
+                    f"{name}.run.root and {name}.data.shards are set by the demo from out=; leave them out"
+                )
+        if self.dit.vavae:
+            raise ValueError("dit.vavae is set by the demo (the VA-VAE it trains); leave it out")
+        self.vavae.validate()
+        self.dit.validate()
 
 
 @dataclass(frozen=True)
@@ -58,6 +176,8 @@ class Job:
     """"module:function" run on every rank with the config; None while the job is not built yet."""
     issue: int = 0
     """The issue that builds the job (named in the "not built yet" message)."""
+    positional: str | None = None
+    """Config key that a bare command-line argument sets (`ldit status runs/x` → run_dir=runs/x)."""
 
     def schema(self, files: Sequence[str], overrides: Sequence[str]) -> type:
         """The schema a config selects with its `kind` key (only `train` has several)."""
@@ -134,13 +254,23 @@ JOBS: dict[str, Job] = {
             "trainer.export:run",
         ),
         Job(
-            "sweep", "scaling study: one SLURM job per node count, and its report", {"": SweepConfig}, issue=8
+            "sweep",
+            "scaling study: one job per node count, and its report",
+            {"": SweepConfig},
+            "slurm.sweep:run",
+        ),
+        Job(
+            "status",
+            "a run's checkpoints, last step, exports, evals and SLURM jobs",
+            {"": StatusConfig},
+            "slurm.status:run",
+            positional="run_dir",
         ),
         Job(
             "demo",
             "the whole pipeline on the embedded digits dataset, 2 local processes",
             {"": DemoConfig},
-            issue=10,
+            "slurm.demo:run",
         ),
     ]
 }

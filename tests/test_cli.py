@@ -20,7 +20,17 @@ def _in_repo(monkeypatch):
     monkeypatch.chdir(ROOT)  # the commands name configs/ relative to the repository, as a user would
 
 
-ALL_JOBS = ["prep-images", "extract-latents", "ref-stats", "train", "eval", "export", "sweep", "demo"]
+ALL_JOBS = [
+    "prep-images",
+    "extract-latents",
+    "ref-stats",
+    "train",
+    "eval",
+    "export",
+    "sweep",
+    "status",
+    "demo",
+]
 
 
 def test_help_lists_every_job():
@@ -57,9 +67,14 @@ def test_config_errors_exit_2_with_the_key(capsys):
     assert "kind 'gan' is not one of dit, vavae" in capsys.readouterr().err
 
 
-def test_unbuilt_job_says_so_after_checking_the_config(capsys):
-    assert main(["sweep", "train=configs/dit/lightningdit_b1.yaml"]) == 2
-    assert "ldit sweep: not built yet (issue #8); the config is valid." in capsys.readouterr().err
+def test_unbuilt_job_says_so_after_checking_the_config(capsys, monkeypatch):
+    from dataclasses import replace
+
+    monkeypatch.setitem(JOBS, "export", replace(JOBS["export"], entry=None, issue=7))
+    assert main(["export", "run.name=x"]) == 2
+    assert "ldit export: not built yet (issue #7); the config is valid." in capsys.readouterr().err
+    assert main(["export", "run.nme=x"]) == 2  # the config is still checked first
+    assert "Key 'nme' not in 'RunConfig'" in capsys.readouterr().err
 
 
 def test_split_args_keeps_order():
@@ -78,3 +93,23 @@ def test_resolved_config_is_written_to_the_run_directory(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["config.1.yaml", "config.yaml"]
     assert load_config(TrainDiTConfig, [path.parent / "config.1.yaml"]) == cfg
     assert load_config(TrainDiTConfig, [path]).steps == 100
+
+
+def test_status_of_a_run_without_slurm(tmp_path, capsys):
+    import json
+
+    run = tmp_path / "r"
+    (run / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000004" / "meta.json").write_text(json.dumps({"step": 4, "files": {}}))
+    (run / "checkpoints" / "step-00000008").mkdir()
+    (run / "checkpoints" / "latest").write_text("step-00000004")
+    (run / "log.jsonl").write_text(json.dumps({"step": 6, "loss/total": 0.5, "loss/mse": 0.25}) + "\n")
+    assert main(["status", str(run)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"run {run}",
+        "  checkpoints: step-00000008 (incomplete), step-00000004 (latest, complete)",
+        "  last logged step 6: loss/total 0.5000, loss/mse 0.2500",
+        "  SLURM jobs: none submitted with --slurm",
+    ]
+    assert main(["status", str(tmp_path / "missing")]) == 1
+    assert f"run directory {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
