@@ -63,7 +63,13 @@ AUTOENCODER_CONFIGS: dict[str, AutoencoderArgs] = {
     # f8 with 4 latent channels for the CPU demo on 32 px digits (32 px → (4, 4, 4)); 32 px is the least
     # the PatchGAN discriminator takes. Attention only in the middle block (4x4), one ResnetBlock per level.
     "digits": AutoencoderArgs(
-        ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=4, embed_dim=4, resolution=32
+        ch=32,
+        ch_mult=(1, 1, 2, 2),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        z_channels=4,
+        embed_dim=4,
+        resolution=32,
     ),
 }
 
