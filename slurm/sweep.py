@@ -98,7 +98,7 @@ def run(cfg) -> None:  # noqa: ANN001
         if not cfg.wait:
             print(f"when the jobs are done: ldit sweep --report {root}", flush=True)
             return
-        for n, handle in handles.items():
+        for handle in handles.values():
             handle.results()  # every task's result; raises if the job failed
     else:
         (root / "sweep.json").write_text(json.dumps(record, indent=1))
