@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
             help="cluster file (configs/cluster/*.yaml) for --slurm; several are merged in order",
         )
         p.add_argument("--after", metavar="JOBID", help="with --slurm: start once job JOBID has succeeded")
+        if name == "train":
+            p.add_argument(
+                "--then-eval",
+                metavar="EVAL.yaml",
+                help="with --slurm: also submit `ldit eval EVAL.yaml` for this run, to start once training succeeded",
+            )
         if name == "sweep":
             p.add_argument("--nodes", metavar="N,N,…", help="node counts, one job each (nodes=[…])")
             p.add_argument("--steps", type=int, metavar="N", help="steps each job runs")
@@ -145,6 +151,28 @@ def run_local(cmd: Sequence[str], n: int) -> int:
     return code
 
 
+def _submit_eval_after(train_cfg: Any, eval_yaml: str, cluster: Any, train_job: str) -> int:
+    """Submit `ldit eval EVAL.yaml` for the training run, with an afterok dependency on its job."""
+    from slurm.cluster import describe
+    from slurm.status import record_submission
+    from slurm.submit import submission_message, submit
+
+    job = JOBS["eval"]
+    overrides = [f"run.name={train_cfg.run.name}", f"run.root={train_cfg.run.root}"]
+    try:
+        job.load([eval_yaml], overrides)
+    except ConfigError as exc:
+        print(
+            f"ldit eval (--then-eval): config error: {exc}; the training job {train_job} is submitted",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    sjob = submit(job, [eval_yaml], overrides, cluster, after=train_job)
+    print(submission_message(sjob, cluster, train_job), flush=True)
+    record_submission(train_cfg.run.dir, sjob.job_id, "eval", describe(cluster), train_job)
+    return EXIT_OK
+
+
 def _without_local(argv: Sequence[str]) -> list[str]:
     out, skip = [], False
     for a in argv:
@@ -189,8 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns.slurm, ns.cluster = False, None
     cluster_overrides = [o.removeprefix("cluster.") for o in overrides if o.startswith("cluster.")]
     overrides = [o for o in overrides if not o.startswith("cluster.")]
-    if not ns.slurm and (ns.cluster or ns.after or cluster_overrides):
-        print(f"ldit {job.name}: --cluster, --after and cluster.<key>=... need --slurm", file=sys.stderr)
+    if not ns.slurm and (ns.cluster or ns.after or cluster_overrides or getattr(ns, "then_eval", None)):
+        print(
+            f"ldit {job.name}: --cluster, --after, --then-eval and cluster.<key>=... need --slurm",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     try:
         cfg = job.load(files, overrides)
@@ -217,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from slurm.status import record_submission
 
             record_submission(cfg.run.dir, sjob.job_id, job.name, describe(cluster), ns.after)
+        if getattr(ns, "then_eval", None):
+            return _submit_eval_after(cfg, ns.then_eval, cluster, sjob.job_id)
         return EXIT_OK
     if ns.local:
         if ns.local < 1:

@@ -183,9 +183,9 @@ def _in_repo(monkeypatch):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--cluster", str(LOCAL)], "--cluster, --after and cluster.<key>=... need --slurm"),
-        (["--after", "12"], "--cluster, --after and cluster.<key>=... need --slurm"),
-        (["cluster.nodes=2"], "--cluster, --after and cluster.<key>=... need --slurm"),
+        (["--cluster", str(LOCAL)], "--cluster, --after, --then-eval and cluster.<key>=... need --slurm"),
+        (["--after", "12"], "--cluster, --after, --then-eval and cluster.<key>=... need --slurm"),
+        (["cluster.nodes=2"], "--cluster, --after, --then-eval and cluster.<key>=... need --slurm"),
         (["--slurm"], "config error: no cluster file: pass one with --cluster configs/cluster/<name>.yaml"),
         (
             ["--slurm", "--cluster", str(LOCAL), "cluster.nodes=0"],
@@ -204,7 +204,12 @@ def test_cli_slurm_option_errors(capsys, args, message):
 
 
 @pytest.mark.usefixtures("_in_repo")
-def test_cli_checks_the_cluster_before_saying_not_built(capsys):
-    # `sweep` has no entry yet: a valid cluster file gets as far as the "not built yet" message.
-    assert main(["sweep", "train=x.yaml", "--slurm", "--cluster", str(LOCAL)]) == 2
-    assert "not built yet (issue #8)" in capsys.readouterr().err
+def test_cli_checks_the_cluster_before_saying_not_built(capsys, monkeypatch):
+    from dataclasses import replace
+
+    from slurm.jobs import JOBS
+
+    # a job with no entry yet: a valid cluster file gets as far as the "not built yet" message
+    monkeypatch.setitem(JOBS, "export", replace(JOBS["export"], entry=None, issue=7))
+    assert main(["export", "run.name=x", "--slurm", "--cluster", str(LOCAL)]) == 2
+    assert "not built yet (issue #7)" in capsys.readouterr().err
