@@ -132,11 +132,14 @@ def _inputs(cfg: EvalConfig, folder: Path) -> tuple[str, str, tuple[np.ndarray, 
     return latents, vavae, stats, source
 
 
-def _reference_pool(cfg: EvalConfig, ref: ReferenceStats, path: Path, net: InceptionFeatures) -> tuple:
+def reference_pool(
+    cfg: EvalConfig, ref: ReferenceStats, path: Path, net: InceptionFeatures | None
+) -> tuple[torch.Tensor | None, str | None]:
     """Pool features of the reference for precision/recall: its `pool`, else computed from `arr_0` (rank 0
     gets them; fixed batches dealt round-robin), else None. Returns (features or None, how)."""
     if ref.pool is not None:
         return torch.from_numpy(ref.pool), f"pool ({ref.pool.shape[0]} stored features)"
+    assert net is not None, "computing the reference's pool features needs the Inception"
     try:
         n = reference_num_images(path)
     except KeyError:
@@ -190,7 +193,12 @@ def evaluate_dit(cfg: EvalConfig, folder: Path, step: int) -> None:
     net = InceptionFeatures(cfg.inception_weights or None, device=dev)
     mean_t = torch.from_numpy(mean).to(dev).view(1, -1, 1, 1)
     std_t = torch.from_numpy(std).to(dev).view(1, -1, 1, 1)
-    ref_pool, ref_pool_how = _reference_pool(cfg, ref, ref_path, net)
+    ref_pool, ref_pool_how = reference_pool(cfg, ref, ref_path, net)
+    if ref_pool_how is None and rank == 0:
+        print(
+            f"eval: {ref_path} has neither `pool` features nor images `arr_0`: no precision/recall",
+            flush=True,
+        )
 
     keep_images = n if cfg.save_npz else min(cfg.grid, n)
     starts = range(0, n, b)

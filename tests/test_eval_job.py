@@ -27,7 +27,7 @@ from eval.job import NpzWriter, index_seed, json_text, run
 from eval.metrics import FeatureStats, frechet_distance, load_reference, mean_cov
 from eval.recon import crop_uint8, recon_metrics, reconstruct
 from eval.ref_stats import pool_subset
-from eval.sample_fid import _reference_pool, eval_name, sample_label, sample_noise
+from eval.sample_fid import eval_name, reference_pool, sample_label, sample_noise
 from models.export import load_lightningdit, load_vavae, weights_sha256
 from models.lightningdit import LightningDiT, lightningdit_args
 from models.lpips import LPIPS, VGG16Slices
@@ -207,7 +207,7 @@ def test_labels_and_reference_pool(world, reference):
     assert uniform != [sample_label(EvalConfig(seed=4), i, 5) for i in range(2000)]
     assert [sample_label(EvalConfig(labels="balanced"), i, 3) for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]
     ref = load_reference(reference)
-    pool, how = _reference_pool(EvalConfig(), ref, reference, None)
+    pool, how = reference_pool(EvalConfig(), ref, reference, None)
     assert how == "pool (10 stored features)" and np.array_equal(pool.numpy(), ref.pool)
 
 
