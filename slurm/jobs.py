@@ -126,7 +126,7 @@ class DemoConfig:
     """The DiT run."""
     samples_per_class: int = 50
     """DiT samples per class the classifier scores (the grid shows the first 10 of each class)."""
-    cfg_scale: float = 2.0
+    cfg_scale: float = 3.0
     """Classifier-free guidance scale of the samples, on all latent channels (1: no guidance)."""
     sample_points: int = 33
     """Time points of the Euler grid (33 points = 32 steps)."""
