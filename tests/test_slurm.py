@@ -195,4 +195,56 @@ def test_ldit_train_on_two_nodes(tmp_path, capsys):
     job = submitit.SlurmJob(folder=f"{tmp_path}/logs/%j", job_id=job_id, tasks=range(4))
     assert wait(job, 240) == "COMPLETED", logs(job)
     assert job.results() == [None] * 4
-    assert (tmp_path / "runs" / "slurm" / "checkpoints" / "latest").read_text().strip() == "step-00000010"
+    run = tmp_path / "runs" / "slurm"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000010"
+    # the same run continues in a second job on 1 node x 2 tasks: 4 → 2 ranks, through a universal checkpoint
+    argv2 = [a if a != "steps=10" else "steps=14" for a in argv] + ["cluster.nodes=1"]
+    assert main(argv2) == 0
+    job_id2 = re.search(r"submitted SLURM job (\d+) ", capsys.readouterr().out).group(1)
+    job2 = submitit.SlurmJob(folder=f"{tmp_path}/logs/%j", job_id=job_id2, tasks=range(2))
+    assert wait(job2, 240) == "COMPLETED", logs(job2)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000014"
+    assert (run / "checkpoints" / "step-00000010" / "model_universal").is_dir()
+    assert "resumed slurm at step 10 (elastic: universal checkpoint)" in logs(job2)
+    assert main(["status", str(run)]) == 0
+    status = capsys.readouterr().out
+    assert (
+        f"{job_id:>8}  ldit train    COMPLETED" in status
+        and f"{job_id2:>8}  ldit train    COMPLETED" in status
+    )
+    assert "2 node(s) × 2 task(s)" in status and "1 node(s) × 2 task(s)" in status
+
+
+def test_sweep_over_one_and_two_nodes_writes_the_report(tmp_path):
+    """`ldit sweep … --slurm`: one real job per node count (2 and 4 gloo ranks), then the report."""
+    import json
+
+    from slurm.sweep import rows
+
+    latent_set(tmp_path / "latents", sizes=(6,) * 8, shape=(4, 4, 4), classes=3)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"_base_: {ROOT / 'configs/dit/tiny_cpu.yaml'}\ndata:\n  shards: {tmp_path / 'latents'}\n")
+    clusters = tmp_path / "cluster.yaml"
+    clusters.write_text(f"_base_: {LOCAL}\nfolder: {tmp_path}/logs/%j\n")
+    code = main(
+        [
+            "sweep",
+            str(cfg),
+            "--nodes",
+            "1,2",
+            "--steps",
+            "5",
+            f"out={tmp_path / 'sweeps'}",
+            "--slurm",
+            "--cluster",
+            str(clusters),
+        ]
+    )
+    assert code == 0
+    root = tmp_path / "sweeps" / "tiny-dit"
+    table = rows(root)
+    assert [(r.nodes, r.devices) for r in table] == [(1, 2), (2, 4)]
+    assert (
+        (root / "report.md").is_file() and (root / "report.csv").is_file() and (root / "report.png").is_file()
+    )
+    assert set(json.loads((root / "sweep.json").read_text())["jobs"]) == {"1", "2"}
