@@ -44,3 +44,13 @@ def read_ranks(folder: Path, n: int) -> list[dict]:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Jobs run in-process export the launcher variables (slurm.env.init_distributed does, for DeepSpeed);
+    put the environment back so that no test sees another test's rank."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

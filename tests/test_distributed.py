@@ -95,6 +95,8 @@ def test_detect_reads_slurm_nodelists(monkeypatch):
 
 
 def test_torchrun_variables_take_precedence_and_are_checked(monkeypatch):
+    for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "1")
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "1")
