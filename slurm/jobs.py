@@ -91,7 +91,7 @@ def demo_dit() -> TrainDiTConfig:
         optim=OptimConfig(lr=1e-3, betas=(0.9, 0.95), warmup_steps=50),
         ckpt=CheckpointConfig(every=500, keep_last=1),
         log=LogConfig(every=100, sample_every=500),
-        steps=2000,
+        steps=4000,
         precision="fp32",
         model=DiTModelConfig(size="T/1"),
         ema_decay=0.995,
