@@ -556,7 +556,8 @@ def run_fid(cfg: DemoConfig, paths: Layout, stages: Stages) -> dict:
     )
     if not found:
         raise RuntimeError(f"ldit eval wrote no metrics.json under {paths.dit / 'eval'}")
-    return {"status": "done", "metrics": str(found[-1]), **json.loads(found[-1].read_text())}
+    metrics = json.loads(found[-1].read_text())["metrics"]
+    return {"status": "done", "file": str(found[-1]), "fid": metrics["fid"], "metrics": metrics}
 
 
 def format_summary(s: dict) -> str:
@@ -565,7 +566,14 @@ def format_summary(s: dict) -> str:
     c, v, d = s["classifier"], s["vavae"], s["dit"]
     per_class = "  ".join(f"{k}: {a:.2f}" for k, a in enumerate(d["sample_accuracy_per_class"]))
     fid = s["fid"]
-    fid_line = fid["how"] if fid["status"] == "skipped" else f"FID: {fid.get('fid')} ({fid['metrics']})"
+    if fid["status"] == "skipped":
+        fid_line = fid["how"]
+    else:
+        m = fid["metrics"]
+        fid_line = (
+            f"FID:                 {m['fid']:.2f} vs held-out digits (sFID {m['sfid']:.2f}, IS {m['inception_score']:.2f}, "
+            f"precision {m['precision']:.2f}, recall {m['recall']:.2f}): {fid['file']}"
+        )
     lines = [
         "",
         f"=== ldit demo finished in {minutes} min {seconds:02d} s "

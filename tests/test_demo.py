@@ -89,6 +89,21 @@ def test_rerun_skips_finished_stages_and_refuses_other_settings(demo):
     )
 
 
+def test_with_inception_weights_the_demo_adds_fid(demo, tmp_path):
+    """Random Inception weights stand in for torch-fidelity's (no download): ref-stats and eval run as jobs."""
+    from eval.inception import random_weights
+
+    out, first, _ = demo
+    weights = random_weights(tmp_path / "inception.pth", seed=0)
+    proc = ldit_demo(f"out={out}", f"inception_weights={weights}", "fid_samples=20")
+    s = json.loads((out / "summary.json").read_text())
+    assert list(s["stage_times_s"])[-3:] == ["prep-heldout", "ref-stats", "eval"]
+    assert s["fid"]["status"] == "done" and np.isfinite(s["fid"]["fid"])
+    assert json.loads(Path(s["fid"]["file"]).read_text())["metrics"]["fid"] == s["fid"]["fid"]
+    assert "_n20_heldout-reference" in s["fid"]["file"] and "FID:                 " in proc.stdout
+    assert s["dit"] == first["dit"]
+
+
 def test_config_rules_fail_at_start_up():
     with pytest.raises(ConfigError, match="dit.vavae is set by the demo"):
         load_config(DemoConfig, [], ["dit.vavae=x"])
