@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_prep.manifest import ClassInfo, LatentInfo, Manifest
 from data_prep.shards import encode_npy, write_shard
 from tests.conftest import ROOT, clean_env
+from tests.data_fixtures import gaussian_latent_set
 
 CONFIG = str(ROOT / "configs/dit/tiny_cpu.yaml")
 
@@ -28,28 +28,7 @@ CONFIG = str(ROOT / "configs/dit/tiny_cpu.yaml")
 def latents(tmp_path_factory) -> Path:
     """12 shards of 8 latents (4, 4, 4): 3 classes, each a Gaussian around its own mean."""
     folder = tmp_path_factory.mktemp("latents")
-    rng = np.random.default_rng(0)
-    shards, n, all_x = [], 0, []
-    for i in range(12):
-        rows = []
-        for _ in range(8):
-            y = n % 3
-            x = (rng.standard_normal((4, 4, 4)) * 0.5 + 2.0 * y - 2.0).astype(np.float32)
-            all_x.append(x)
-            rows.append(
-                {
-                    "__key__": f"s{n:04d}",
-                    "latent.npy": encode_npy(x),
-                    "latent_flip.npy": encode_npy(x[..., ::-1]),
-                    "cls": str(y).encode(),
-                }
-            )
-            n += 1
-        shards.append(write_shard(folder / f"shard-{i:06d}.tar", rows))
-    a = np.stack(all_x)
-    mean, std = a.mean(axis=(0, 2, 3)), a.std(axis=(0, 2, 3), ddof=1)
-    Manifest("latents", shards, [ClassInfo(f"c{i}", i, f"c{i}") for i in range(3)],
-             latent=LatentInfo((4, 4, 4), "float32", tuple(mean.tolist()), tuple(std.tolist()))).save(folder)  # fmt: skip
+    gaussian_latent_set(folder)
     return folder
 
 
