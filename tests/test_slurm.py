@@ -248,3 +248,56 @@ def test_sweep_over_one_and_two_nodes_writes_the_report(tmp_path):
         (root / "report.md").is_file() and (root / "report.csv").is_file() and (root / "report.png").is_file()
     )
     assert set(json.loads((root / "sweep.json").read_text())["jobs"]) == {"1", "2"}
+
+
+def test_time_limit_requeues_training_and_it_ends_like_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
+    """A 2-minute limit stops the tiny DiT mid-run: every rank saves, submitit requeues the job, it resumes
+    from that checkpoint, and it ends with the same steps and losses as the same run with no limit."""
+    import json
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.conftest import clean_env
+    from tests.data_fixtures import gaussian_latent_set
+
+    steps = 2500  # ~100 s of training on 4 ranks here: longer than one segment
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job inherits it: the reference's thread count
+    gaussian_latent_set(tmp_path / "latents")
+    common = ["configs/dit/tiny_cpu.yaml", f"data.shards={tmp_path / 'latents'}", f"run.root={tmp_path / 'runs'}",
+              f"steps={steps}", "ckpt.every=100000", "log.every=1"]  # fmt: skip
+    argv = [
+        "train",
+        *common,
+        "run.name=limited",
+        "--slurm",
+        "--cluster",
+        str(LOCAL),
+        f"cluster.folder={tmp_path}/logs/%j",
+    ]
+    # SLURM signals 45-75 s before the 2-minute limit (slurmctld looks every 30 s): 20-60 s of training a segment
+    argv += ["cluster.time_min=2", "cluster.signal_delay_s=45", "cluster.max_requeues=8"]
+    assert main(argv) == 0
+    job_id = re.search(r"submitted SLURM job (\d+) ", capsys.readouterr().out).group(1)
+    job = submitit.SlurmJob(folder=f"{tmp_path}/logs/%j", job_id=job_id, tasks=range(4))
+    assert wait(job, 1500) == "COMPLETED", logs(job)
+    ref = subprocess.run([sys.executable, "-m", "slurm.cli", "train", *common, "run.name=straight", "--local", "4"],
+                         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    history = subprocess.run(
+        ["sacct", "-n", "-X", "-D", "-o", "State", "-j", job_id], capture_output=True, text=True
+    ).stdout.split()
+    assert "REQUEUED" in history and history[-1] == "COMPLETED", history
+    runs = tmp_path / "runs"
+    limited = [json.loads(line) for line in (runs / "limited" / "log.jsonl").read_text().splitlines()]
+    straight = [json.loads(line) for line in (runs / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in limited] == list(range(1, steps + 1))  # every step once (log.every=1: a
+    assert [e["loss/total"] for e in limited] == [
+        e["loss/total"] for e in straight
+    ]  # window never spans a resume)
+    a = load_file(str(runs / "limited" / "export" / "latest" / "ema.safetensors"))
+    b = load_file(str(runs / "straight" / "export" / "latest" / "ema.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    saved = sorted(p.name for p in (runs / "limited" / "checkpoints").glob("step-*"))
+    assert saved[-1] == f"step-{steps:08d}" and len(saved) >= 2  # a checkpoint at the signal, and the last
