@@ -41,7 +41,6 @@ from eval.config import EvalConfig
 from eval.inception import WEIGHTS_FILE
 from models.device import device
 from models.export import META, read_meta
-from slurm.config import ConfigError
 from trainer.checkpoint import step_name
 from trainer.config import TRAIN_KINDS, TrainCommon
 
@@ -54,6 +53,12 @@ Outputs = dict[str, torch.Tensor]
 """Per-row outputs of one item, e.g. {"pool": (n, 2048) float32, "images": (n, H, W, 3) uint8}."""
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 """Shape of one row (without the row dimension) and dtype of each output key."""
+
+
+class EvalInputError(ValueError):
+    """A bad input of an eval job (missing export, reference or file); the message says which and what to do.
+
+    Defined here, not taken from slurm.config, because eval sits below the launcher (DESIGN.md imports)."""
 
 
 def index_seed(*parts: object) -> int:
@@ -195,7 +200,7 @@ def resolve_export(cfg: EvalConfig) -> tuple[Path, int]:
     folder = root / ("latest" if cfg.step < 0 else step_name(cfg.step))
     if not (folder / META).is_file():
         have = sorted(p.name for p in root.glob("step-*")) if root.is_dir() else []
-        raise ConfigError(
+        raise EvalInputError(
             f"run.name={cfg.run.name}: no export {folder} (exports: {', '.join(have) or 'none'}); "
             "write one with `ldit export` or pick another step="
         )
@@ -203,7 +208,7 @@ def resolve_export(cfg: EvalConfig) -> tuple[Path, int]:
     try:
         step = int(folder.name.removeprefix("step-"))
     except ValueError:
-        raise ConfigError(f"export folder {folder} is not named step-N") from None
+        raise EvalInputError(f"export folder {folder} is not named step-N") from None
     return folder, step
 
 
@@ -221,18 +226,18 @@ def export_run_config(folder: Path) -> TrainCommon | None:
     data = OmegaConf.load(path)
     kind = data.get("kind")
     if kind not in TRAIN_KINDS:
-        raise ConfigError(f"{path}: kind {kind!r} is not one of {', '.join(TRAIN_KINDS)}")
+        raise EvalInputError(f"{path}: kind {kind!r} is not one of {', '.join(TRAIN_KINDS)}")
     merged = OmegaConf.merge(OmegaConf.structured(TRAIN_KINDS[kind]), data)
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
 def check_file(value: str, key: str, what: str) -> Path:
-    """A config value that must name an existing file; a ConfigError naming the key otherwise."""
+    """A config value that must name an existing file; a EvalInputError naming the key otherwise."""
     if not value:
-        raise ConfigError(f"{key} is required: {what}")
+        raise EvalInputError(f"{key} is required: {what}")
     p = Path(value).expanduser()
     if not p.is_file():
-        raise ConfigError(f"{key}={value} does not exist ({what})")
+        raise EvalInputError(f"{key}={value} does not exist ({what})")
     return p
 
 

@@ -30,6 +30,7 @@ from eval.inception import FEATURE_DIMS, InceptionFeatures
 from eval.job import (
     METRICS,
     TIMING,
+    EvalInputError,
     Outputs,
     already_done,
     export_run_config,
@@ -47,7 +48,6 @@ from models.device import device
 from models.export import load_vavae, weights_sha256
 from models.lpips import LPIPS
 from models.vavae import AutoencoderKL, images_to_uint8
-from slurm.config import ConfigError
 from trainer.checkpoint import step_name
 from trainer.config import TrainVAVAEConfig
 
@@ -86,17 +86,17 @@ def recon_metrics(real: torch.Tensor, fake: torch.Tensor, lpips: torch.nn.Module
 def evaluate_vavae(cfg: EvalConfig, folder: Path, step: int) -> None:
     """Reconstruct the first `num_samples` images of `images` over all ranks; write `<run>/eval/<name>/metrics.json`."""
     if not cfg.images:
-        raise ConfigError(
+        raise EvalInputError(
             f"{folder} holds a VA-VAE: set images= to a held-out image shard set to reconstruct"
         )
     manifest = open_shard_set(cfg.images, "images")
     n = cfg.num_samples or manifest.total
     if n > manifest.total:
-        raise ConfigError(
+        raise EvalInputError(
             f"num_samples={n} but {cfg.images} holds {manifest.total} images (0 takes them all)"
         )
     if n < 2:
-        raise ConfigError(f"num_samples={n}: rFID needs at least 2 images")
+        raise EvalInputError(f"num_samples={n}: rFID needs at least 2 images")
     set_name = Path(cfg.images).resolve().name
     name = f"{step_name(step)}_recon_{set_name}_crop{cfg.image_size}_seed{cfg.seed}_n{n}"
     out_dir = cfg.run.dir / "eval" / name

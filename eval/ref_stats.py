@@ -27,11 +27,10 @@ from data_prep.reader import open_shard_set
 from data_prep.shards import read_shard
 from eval.config import RefStatsConfig
 from eval.inception import FEATURE_DIMS, InceptionFeatures
-from eval.job import Outputs, run_rounds
+from eval.job import EvalInputError, Outputs, run_rounds
 from eval.metrics import FeatureStats, ReferenceStats, save_reference
 from eval.recon import crop_uint8
 from models.device import device
-from slurm.config import ConfigError
 
 
 def pool_subset(total: int, n: int, seed: int) -> np.ndarray:
@@ -49,9 +48,9 @@ def run(cfg: RefStatsConfig) -> None:
         return
     manifest = open_shard_set(cfg.images, "images")
     if manifest.total < 2:
-        raise ConfigError(f"{cfg.images} holds {manifest.total} image(s); statistics need at least 2")
+        raise EvalInputError(f"{cfg.images} holds {manifest.total} image(s); statistics need at least 2")
     if not out.parent.is_dir():
-        raise ConfigError(f"out={cfg.out}: folder {out.parent} does not exist")
+        raise EvalInputError(f"out={cfg.out}: folder {out.parent} does not exist")
     dev = device()
     net = InceptionFeatures(cfg.inception_weights or None, device=dev)
     offsets = np.cumsum([0, *manifest.counts])

@@ -38,6 +38,7 @@ from eval.job import (
     METRICS,
     SAMPLES,
     TIMING,
+    EvalInputError,
     NpzWriter,
     Outputs,
     already_done,
@@ -68,7 +69,6 @@ from models.device import device
 from models.export import load_lightningdit, load_vavae, weights_sha256
 from models.samplers import ModelFn, cfg_model_fn, sample_ode
 from models.vavae import images_to_uint8
-from slurm.config import ConfigError
 from trainer.checkpoint import step_name
 from trainer.config import TrainDiTConfig
 
@@ -109,7 +109,7 @@ def _inputs(cfg: EvalConfig, folder: Path) -> tuple[str, str, tuple[np.ndarray, 
     run_cfg = export_run_config(folder)
     latents = cfg.latents or (run_cfg.data.shards if run_cfg is not None else "")
     if not latents:
-        raise ConfigError(
+        raise EvalInputError(
             f"{folder} has no config.yaml: set latents= to the latent shard set the DiT trained on"
         )
     manifest = load_manifest(latents, "latents")
@@ -123,11 +123,13 @@ def _inputs(cfg: EvalConfig, folder: Path) -> tuple[str, str, tuple[np.ndarray, 
         ("", ""),
     )  # fmt: skip
     if not vavae:
-        raise ConfigError(
+        raise EvalInputError(
             "vavae= is required: neither the run's config nor the latent manifest names the VA-VAE to decode with"
         )
     if not Path(vavae).exists():
-        raise ConfigError(f"VA-VAE {vavae} (from {source}) does not exist; set vavae= to its export folder")
+        raise EvalInputError(
+            f"VA-VAE {vavae} (from {source}) does not exist; set vavae= to its export folder"
+        )
     stats = (np.asarray(manifest.latent.mean, np.float32), np.asarray(manifest.latent.std, np.float32))
     return latents, vavae, stats, source
 
@@ -170,22 +172,22 @@ def evaluate_dit(cfg: EvalConfig, folder: Path, step: int) -> None:
     try:
         ref = load_reference(ref_path)
     except ValueError as exc:
-        raise ConfigError(f"reference={cfg.reference}: {exc}") from None
+        raise EvalInputError(f"reference={cfg.reference}: {exc}") from None
     latents, vavae_path, (mean, std), vavae_source = _inputs(cfg, folder)
     rank = dist.get_rank()
     s, n, b = cfg.sampler, cfg.num_samples, cfg.batch_size
     if n < max(cfg.is_splits, PR_K + 1, 2):
-        raise ConfigError(f"num_samples={n} must be at least is_splits={cfg.is_splits} and {PR_K + 1}")
+        raise EvalInputError(f"num_samples={n} must be at least is_splits={cfg.is_splits} and {PR_K + 1}")
     dev = device()
     model = load_lightningdit(folder).to(dev).eval()
     args = model.args
     shape = (args.in_channels, args.input_size, args.input_size)
     if len(mean) != args.in_channels:
-        raise ConfigError(
+        raise EvalInputError(
             f"the latents of {latents} have {len(mean)} channels; the DiT takes {args.in_channels}"
         )
     if s.cfg_scale > 1 and args.class_dropout_prob <= 0:
-        raise ConfigError(
+        raise EvalInputError(
             f"sampler.cfg_scale={num(s.cfg_scale)} needs a null label, but the DiT was built without label dropout"
         )
     vae = load_vavae(vavae_path).to(dev).eval()

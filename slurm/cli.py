@@ -20,13 +20,21 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.manifest import ShardSetError
+from eval.job import EvalInputError
 from models.weights import PretrainedWeightsError
 from slurm.config import ConfigError, help_text, to_yaml
 from slurm.jobs import JOBS, Job
 from trainer.common import NonFiniteLoss, StopRequested
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-USER_ERRORS = (ConfigError, ShardSetError, PretrainedWeightsError, NonFiniteLoss, FileNotFoundError)
+USER_ERRORS = (
+    ConfigError,
+    EvalInputError,
+    ShardSetError,
+    PretrainedWeightsError,
+    NonFiniteLoss,
+    FileNotFoundError,
+)
 """Errors about the user's input or data, reported as one line instead of a traceback."""
 
 

@@ -23,7 +23,7 @@ from data_prep.manifest import ClassInfo, LatentInfo, Manifest, load_manifest
 from data_prep.shards import read_shard
 from eval.config import EvalConfig, SamplerConfig
 from eval.inception import WEIGHTS_FILE, InceptionFeatures, extract_features, random_weights
-from eval.job import NpzWriter, index_seed, json_text, run
+from eval.job import EvalInputError, NpzWriter, index_seed, json_text, run
 from eval.metrics import FeatureStats, frechet_distance, load_reference, mean_cov
 from eval.recon import crop_uint8, recon_metrics, reconstruct
 from eval.ref_stats import pool_subset
@@ -33,7 +33,7 @@ from models.lightningdit import LightningDiT, lightningdit_args
 from models.lpips import LPIPS, VGG16Slices
 from models.samplers import cfg_model_fn, sample_ode
 from models.vavae import AutoencoderKL, autoencoder_args, images_to_uint8
-from slurm.config import ConfigError, load_config
+from slurm.config import load_config
 from tests.conftest import ROOT, clean_env
 from tests.data_fixtures import imagenet_folder
 from trainer.config import RunConfig, StreamConfig, TrainDiTConfig, TrainVAVAEConfig, VAVAELossConfig
@@ -261,26 +261,26 @@ def test_npz_writer_is_deterministic_and_readable(tmp_path):
 def test_bad_input_is_named(world, reference, tmp_path):
     """Config mistakes found before any work (in-process: they come before the process group is used)."""
     with pytest.raises(
-        ConfigError, match=r"run.name=nothing: no export .*/runs/nothing/export/latest \(exports: none\)"
+        EvalInputError, match=r"run.name=nothing: no export .*/runs/nothing/export/latest \(exports: none\)"
     ):
         run(_config(world, "nothing", f"reference={reference}"))
     with pytest.raises(
-        ConfigError, match=r"no export .*/dit/export/step-00000003 \(exports: step-00000007\)"
+        EvalInputError, match=r"no export .*/dit/export/step-00000003 \(exports: step-00000007\)"
     ):
         run(_config(world, "dit", f"reference={reference}", "step=3"))
-    with pytest.raises(ConfigError, match=r"^reference is required: an ADM reference batch"):
+    with pytest.raises(EvalInputError, match=r"^reference is required: an ADM reference batch"):
         run(_config(world, "dit"))
     with pytest.raises(
-        ConfigError, match=r"^reference=/nonexistent/VIRTUAL_imagenet256_labeled.npz does not exist"
+        EvalInputError, match=r"^reference=/nonexistent/VIRTUAL_imagenet256_labeled.npz does not exist"
     ):
         run(_config(world, "dit", "reference=/nonexistent/VIRTUAL_imagenet256_labeled.npz"))
     samples_only = tmp_path / "samples.npz"
     np.savez(samples_only, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
-    with pytest.raises(ConfigError, match=r"samples.npz has no FID statistics \(keys: \['arr_0'\]\)"):
+    with pytest.raises(EvalInputError, match=r"samples.npz has no FID statistics \(keys: \['arr_0'\]\)"):
         run(_config(world, "dit", f"reference={samples_only}"))
-    with pytest.raises(ConfigError, match=f"num_samples=99 but {world['images']} holds 21 images"):
+    with pytest.raises(EvalInputError, match=f"num_samples=99 but {world['images']} holds 21 images"):
         run(_config(world, "vae", f"images={world['images']}", "num_samples=99"))
-    with pytest.raises(ConfigError, match="holds a VA-VAE: set images= to a held-out image shard set"):
+    with pytest.raises(EvalInputError, match="holds a VA-VAE: set images= to a held-out image shard set"):
         run(_config(world, "vae"))
 
 
