@@ -44,6 +44,14 @@ class DistEnv:
     master_port: int
     launcher: Launcher
 
+    @property
+    def device(self) -> torch.device:
+        """This process's device: GPU `local_rank` when the machine has GPUs (one task per GPU), else the CPU.
+
+        After :func:`init_distributed` it equals :func:`models.device.device`, which jobs use.
+        """
+        return torch.device("cuda", self.local_rank) if use_gpus() else torch.device("cpu")
+
 
 def free_port() -> int:
     """A TCP port on loopback that was free a moment ago."""

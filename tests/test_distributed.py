@@ -7,6 +7,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 
 from slurm.cli import run_local
 from slurm.env import DistEnv, detect, free_port
@@ -21,6 +22,7 @@ def check_two_ranks(folder, launcher: str) -> None:
     assert [r["launcher"] for r in ranks] == [launcher, launcher]
     assert [r["backend"] for r in ranks] == ["gloo", "gloo"]
     assert [r["all_reduce"] for r in ranks] == [3.0, 3.0]  # 1 + 2
+    assert [(r["device"], r["job_device"]) for r in ranks] == [("cpu", "cpu")] * 2  # no GPU here
 
 
 def test_torchrun(tmp_path):
@@ -110,6 +112,8 @@ def test_torchrun_variables_take_precedence_and_are_checked(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "1234")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert detect() == DistEnv(1, 1, 2, 2, "10.0.0.1", 1234, "torchrun")
+    monkeypatch.setattr("slurm.env.use_gpus", lambda: True)  # one task per GPU: GPU = local rank
+    assert detect().device == torch.device("cuda", 1)
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(RuntimeError, match="environment variable WORLD_SIZE='two' is not an integer"):
         detect()

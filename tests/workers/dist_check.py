@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from models.device import device
 from slurm.env import init_distributed, shutdown
 
 out = Path(sys.argv[1])
@@ -22,6 +23,8 @@ dist.all_reduce(x)
             "launcher": env.launcher,
             "backend": dist.get_backend(),
             "all_reduce": x.item(),
+            "device": str(env.device),
+            "job_device": str(device()),
         }
     )
 )
