@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -89,13 +90,91 @@ def load_vavae(path: str | Path) -> AutoencoderKL:
 
 
 def load_lightningdit(path: str | Path) -> LightningDiT:
-    """A LightningDiT from an export folder (strict key match)."""
-    kind, args = read_meta(path)
-    if kind != "lightningdit":
-        raise ValueError(f"{path} holds a {kind}, not a LightningDiT")
+    """A LightningDiT from an export folder, or from a reference checkpoint file (strict key match).
+
+    A reference file (`.pt` of the reference's train.py, §8.1: `{'model', 'ema', 'opt', 'config'}`, or a
+    bare state_dict, or `.safetensors`) is read with `weights_only=True`; its `ema` entry is used when
+    present, as the reference's inference does, and the architecture is read off the tensor shapes.
+    """
+    path = Path(path)
+    if path.is_dir():
+        kind, args = read_meta(path)
+        if kind != "lightningdit":
+            raise ValueError(f"{path} holds a {kind}, not a LightningDiT")
+        sd = read_state_dict(path / WEIGHTS)
+    elif path.is_file():
+        sd = reference_dit_state_dict(path)
+        args = lightningdit_args_from_state_dict(sd)
+    else:
+        raise FileNotFoundError(
+            f"LightningDiT weights {path} do not exist (an export folder or a reference .pt/.safetensors file)"
+        )
     model = LightningDiT(args)
-    model.load_state_dict(read_state_dict(Path(path) / WEIGHTS), strict=True)
+    model.load_state_dict(sd, strict=True)
     return model
+
+
+def reference_dit_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The LightningDiT weights of a reference checkpoint file: its `ema` entry, else the file's own keys.
+
+    The reference's `model` entry carries DDP's `module.` prefix under multi-GPU training (§8.1); we do
+    not strip prefixes (STYLE.md 8), so a file without `ema` must hold the plain keys.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_state_dict(path)
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
+        return dict(obj["ema"])
+    if isinstance(obj, dict) and "x_embedder.proj.weight" in obj:
+        return dict(obj)
+    entries = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+    raise ValueError(
+        f"{path} holds no LightningDiT weights: expected an 'ema' entry (reference train.py) or the keys of "
+        f"§8.1 (x_embedder.proj.weight, …), found {entries}"
+    )
+
+
+def lightningdit_args_from_state_dict(sd: dict[str, torch.Tensor]) -> LightningDiTArgs:
+    """The architecture of a LightningDiT state_dict, read off its tensor shapes (§8.1).
+
+    Width, channels and patch from `x_embedder.proj.weight` (D, C, p, p); depth from the block count;
+    classes from the label table (its last row is the null class); tokens from `pos_embed`; head_dim from
+    the RoPE table (T, head_dim) or the q-norm weight; the MLP ratio from the SwiGLU width int(2/3·int(r·D)).
+    """
+    d, c, p, _ = sd["x_embedder.proj.weight"].shape
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    grid = math.isqrt(sd["pos_embed"].shape[1])
+    use_rope = "feat_rope.freqs_cos" in sd
+    use_qknorm = "blocks.0.attn.q_norm.weight" in sd
+    if use_rope:
+        head_dim = sd["feat_rope.freqs_cos"].shape[1]
+    elif use_qknorm:
+        head_dim = sd["blocks.0.attn.q_norm.weight"].shape[0]
+    else:
+        raise ValueError(
+            "cannot read the head count off a state_dict without RoPE tables or q/k-norm weights"
+        )
+    use_swiglu = "blocks.0.mlp.w12.weight" in sd
+    hidden = sd["blocks.0.mlp.w3.weight" if use_swiglu else "blocks.0.mlp.fc1.weight"].shape[
+        1 if use_swiglu else 0
+    ]
+    ratios = [r / 4 for r in range(1, 33) if _ffn_width(d, r / 4, use_swiglu) == hidden]
+    if not ratios:
+        raise ValueError(f"no MLP ratio gives an FFN width of {hidden} at width {d}")
+    table = sd["y_embedder.embedding_table.weight"].shape[0]
+    out = sd["final_layer.linear.weight"].shape[0] // (p * p)
+    return LightningDiTArgs(
+        input_size=grid * p, patch_size=p, in_channels=c, hidden_size=d, depth=depth,
+        num_heads=d // head_dim, mlp_ratio=ratios[0], num_classes=table - 1, class_dropout_prob=0.1,
+        use_qknorm=use_qknorm, use_swiglu=use_swiglu, use_rope=use_rope,
+        use_rmsnorm="blocks.0.norm1.weight" in sd, learn_sigma=out == 2 * c,
+    )  # fmt: skip
+
+
+def _ffn_width(d: int, ratio: float, swiglu: bool) -> int:
+    hidden = int(d * ratio)
+    return int(2 / 3 * hidden) if swiglu else hidden
 
 
 def weights_sha256(path: str | Path) -> str:

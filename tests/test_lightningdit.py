@@ -337,6 +337,13 @@ def test_forward_matches_equations_of_section_2_2(patch: int) -> None:
 
 
 def test_determinism_same_seed_same_weights_same_outputs() -> None:
+    inits = []
+    for seed in (123, 123, 124):
+        torch.manual_seed(seed)
+        inits.append(LightningDiT(_small_args()).state_dict())
+    assert all(torch.equal(inits[0][k], inits[1][k]) for k in inits[0])  # the initialisation is seeded
+    random_init = [k for k in inits[0] if not torch.equal(inits[0][k], inits[2][k])]
+    assert "x_embedder.proj.weight" in random_init and "blocks.1.attn.qkv.weight" in random_init
     outs = []
     for _ in range(2):
         torch.manual_seed(123)
@@ -435,3 +442,52 @@ def test_bf16_autocast_and_bf16_weights_run_close_to_fp32() -> None:
     for out in (autocast, bf16):
         assert out.dtype == torch.bfloat16
         assert ((out.float() - ref).norm() / ref.norm()).item() < 0.1
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"use_qknorm": True, "patch_size": 2}, {"use_rope": False, "use_qknorm": True, "mlp_ratio": 2.0}],
+)
+def test_reference_checkpoint_file_loads_strictly(tmp_path, overrides) -> None:
+    """A reference train.py file ({'model' with DDP's prefix, 'ema', 'opt', 'config'}, §8.1): its `ema`
+    loads with strict=True into the architecture read off the shapes, and computes the same outputs."""
+    from models.export import lightningdit_args_from_state_dict, load_lightningdit
+
+    args = _small_args(**overrides)
+    ema = _randomise(LightningDiT(args), 3).eval()
+    sd = ema.state_dict()
+    path = tmp_path / "0080000.pt"
+    torch.save(
+        {"model": {f"module.{k}": v + 1 for k, v in sd.items()}, "ema": sd,
+         "opt": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 2e-4}]}, "config": {"a": 1}},
+        path,
+    )  # fmt: skip
+    loaded = load_lightningdit(path).eval()
+    assert loaded.args == lightningdit_args_from_state_dict(sd)
+    assert (loaded.args.hidden_size, loaded.args.num_heads, loaded.args.depth) == (64, 2, 2)
+    assert (loaded.args.patch_size, loaded.args.use_qknorm, loaded.args.use_rope, loaded.args.mlp_ratio) == (
+        args.patch_size, args.use_qknorm, args.use_rope, args.mlp_ratio,
+    )  # fmt: skip
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0.2, 0.9]), torch.tensor([1, 10])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), ema(x, t, y))
+
+
+@pytest.mark.parametrize("size", ["B/1", "L/2", "XL/1", "1p6B/1"])
+def test_architecture_read_off_registry_shapes(size: str) -> None:
+    from models.export import lightningdit_args_from_state_dict
+
+    assert lightningdit_args_from_state_dict(_meta_model(size).state_dict()) == lightningdit_args(size)
+
+
+def test_reference_file_without_dit_weights_is_named(tmp_path) -> None:
+    from models.export import load_lightningdit
+
+    torch.save({"opt": {}, "config": {}}, tmp_path / "x.pt")
+    with pytest.raises(
+        ValueError,
+        match=r"x.pt holds no LightningDiT weights: expected an 'ema' entry .* found \['config', 'opt'\]",
+    ):
+        load_lightningdit(tmp_path / "x.pt")
+    with pytest.raises(FileNotFoundError, match="LightningDiT weights .*missing.pt do not exist"):
+        load_lightningdit(tmp_path / "missing.pt")
