@@ -176,7 +176,15 @@ def test_dit_eval_is_the_same_at_1_and_2_ranks_and_reruns_skip(world, adm_refere
     assert doc["sampling"]["batch_size"] == 6 and doc["export"] == {
         "path": "export/step-00000007", "step": 7, "weights_sha256": weights_sha256(world["dit"])
     }  # fmt: skip
-    assert (world["root"] / "runs" / "dit" / "tb").is_dir()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(world["root"] / "runs" / "dit" / "tb"), size_guidance={"scalars": 0}).Reload()
+    tag = "eval/" + name.split("_", 1)[1]
+    assert {f"{tag}/{k}" for k in m} <= set(acc.Tags()["scalars"])
+    for k in m:  # both runs (2 ranks, then 1) logged at the export's step, in float32
+        events = acc.Scalars(f"{tag}/{k}")
+        assert [e.step for e in events] == [7, 7]
+        assert all(e.value == pytest.approx(m[k], rel=1e-6, abs=1e-7) for e in events)
 
     # Sample 3 (batch 0, rank 0) and sample 14 (batch 2, rank 0 in the second round) recomputed here.
     with np.load(out / "samples.npz") as z:

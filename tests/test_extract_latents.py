@@ -67,6 +67,23 @@ def test_world_size_does_not_change_the_latents(inputs):
     assert one.producer["vavae_sha256"] and one.producer["job"] == "extract-latents"
 
 
+def test_fp32_option_stores_the_same_samples_unrounded(inputs):
+    tmp, _ = inputs
+    extract(tmp, tmp / "fp32", "dtype=fp32")
+    m16, m32 = load_manifest(tmp / "one"), load_manifest(tmp / "fp32")
+    assert (m32.latent.dtype, m32.latent.shape, m32.counts) == ("float32", (32, 4, 4), m16.counts)
+    for sh in m32.shards[:2]:
+        for a, b in zip(read_shard(str(tmp / "fp32" / sh.name)), read_shard(str(tmp / "one" / sh.name))):
+            assert a["__key__"] == b["__key__"]
+            for name in ("latent.npy", "latent_flip.npy"):
+                x32, x16 = decode_npy(a[name]), decode_npy(b[name])
+                assert x32.dtype == np.float32 and x16.dtype == np.float16
+                assert np.array_equal(x32.astype(np.float16), x16)  # fp16 is the fp32 sample, rounded
+                assert not np.array_equal(x32, x16.astype(np.float32))
+    # statistics are of the stored values, so they differ in the last digits only
+    np.testing.assert_allclose(m32.latent.mean, m16.latent.mean, rtol=1e-2, atol=1e-3)
+
+
 def test_latents_are_posterior_samples_of_image_and_flip(inputs):
     tmp, vae = inputs
     m = load_manifest(tmp / "one")

@@ -95,6 +95,34 @@ def test_each_sample_once_per_epoch_of_its_stream(shard_set):
         assert dealt == list(range(len(m.counts)))
 
 
+def test_reader_output_holds_each_sample_once_per_stream_epoch(shard_set):
+    """What the reader actually returns (not only the plan): stream v's part of each batch, read through the
+    first epoch of every stream, holds exactly the samples of the shards dealt to v, each once."""
+    m = load_manifest(shard_set)
+    plan = StreamPlan(m.counts, SEED, B, V)
+    b = plan.per_stream
+    lengths = [plan.epoch_length(v, 0) for v in range(V)]
+    reader = StreamReader(
+        shard_set, m, seed=SEED, global_batch=B, streams=V, rank=0, world_size=1, decode=latent_decoder()
+    )
+    per_stream: list[list[str]] = [[] for _ in range(V)]
+    for batch in reader.batches(0):
+        for v in range(V):
+            per_stream[v] += batch.keys[v * b : (v + 1) * b]
+        if min(len(k) for k in per_stream) >= max(lengths):
+            break
+    keys_of_shard = {
+        i: [s["__key__"] for s in read_shard(str(shard_set / sh.name))] for i, sh in enumerate(m.shards)
+    }
+    first_epoch = []
+    for v in range(V):
+        expected = [k for s in plan.stream_shards(v, 0) for k in keys_of_shard[int(s)]]
+        got = per_stream[v][: lengths[v]]
+        assert sorted(got) == sorted(expected) and len(set(got)) == len(got) == lengths[v]
+        first_epoch += got
+    assert sorted(first_epoch) == sorted(k for keys in keys_of_shard.values() for k in keys)  # all, once
+
+
 def test_seek_equals_reading_from_the_start(shard_set):
     m = load_manifest(shard_set)
     plan = StreamPlan(m.counts, SEED, B, V)
