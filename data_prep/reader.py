@@ -21,8 +21,8 @@ a rank holds V/W shards at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -285,6 +285,20 @@ def open_shard_set(folder: str | Path, kind: Kind, hashes: bool = False) -> Mani
                 f"{len(problems)} shard(s) of {folder} do not match the manifest:\n  " + "\n  ".join(problems)
             )
     return manifest
+
+
+def without_shards(manifest: Manifest, names: Iterable[str]) -> Manifest:
+    """`manifest` without the shards named `names`: the set a run reads when it skips bad shards.
+
+    The other shards keep their manifest order, and the StreamPlan is a pure function of their counts,
+    so the reduced set has every invariant of the reader (same global batches at any world size, exact
+    resume) as if it had been written without them.
+    """
+    drop = set(names)
+    unknown = drop - {s.name for s in manifest.shards}
+    if unknown:
+        raise ShardSetError(f"no shard named {', '.join(sorted(unknown))} in the manifest")
+    return replace(manifest, shards=[s for s in manifest.shards if s.name not in drop])
 
 
 def _url(folder: str | Path, name: str) -> str:

@@ -25,6 +25,7 @@ from models.weights import PretrainedWeightsError
 from slurm.config import ConfigError, help_text, to_yaml
 from slurm.jobs import JOBS, Job
 from trainer.common import NonFiniteLoss, StopRequested
+from trainer.preflight import PreflightError, check_train_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 USER_ERRORS = (
@@ -240,7 +241,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             cluster = load_cluster(ns.cluster, cluster_overrides)
             if ns.after is not None:
                 check_job_id(ns.after)
-    except ConfigError as exc:
+        if job.name == "train":  # issue #11: the world size and the inputs, before any process starts
+            from slurm.env import detect
+
+            world = cluster.nodes * cluster.tasks if ns.slurm else ns.local or detect().world_size
+            check_train_config(cfg, world)
+    except (ConfigError, PreflightError) as exc:
         print(f"ldit {job.name}: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if job.entry is None:

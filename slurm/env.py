@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from models.device import use_gpus
 
@@ -116,7 +117,8 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
 
     nccl on GPUs (device `cuda:<local rank>`), gloo on CPU. The torchrun variables are exported as
     well, because DeepSpeed reads them; on CPU `DS_ACCELERATOR=cpu` tells DeepSpeed not to look for
-    GPUs. `timeout_s` bounds every collective: a rank that dies makes the others fail, not hang.
+    GPUs. `timeout_s` bounds every collective, also on groups created later (DeepSpeed's): a rank that
+    dies or hangs makes the others fail, not wait.
     """
     env = detect()
     os.environ.update(
@@ -133,13 +135,21 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         backend = "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    # Groups made later by new_group() do not inherit the default group's timeout: they take torch's module
+    # default (30 min for gloo). DeepSpeed runs ZeRO's gradient all-reduces on such a group (its clone of
+    # the world), so a hung rank would stall the others for 30 min; make the module default ours too.
+    if backend == "nccl":
+        c10d.default_pg_nccl_timeout = timeout
+    else:
+        c10d.default_pg_timeout = timeout
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank,
             world_size=env.world_size,
-            timeout=timedelta(seconds=timeout_s),
+            timeout=timeout,
         )
     return env
 

@@ -13,15 +13,25 @@ Layout of `<run>/checkpoints/step-00000080/`:
 and old checkpoints are deleted only after that (keep the last K, plus milestones). On load, a
 checkpoint saved at another world size is converted once to DeepSpeed's universal format
 (`<engine>_universal/`) and loaded from there.
+
+Faults (issue #11): a job killed while saving leaves a folder without meta.json, which resume reports
+and ignores; a checkpoint damaged afterwards (a file truncated or deleted) makes resume fall back to the
+newest complete one, naming what is wrong. A save that fails on any rank (a full or read-only disk) is
+agreed by every rank after each phase, the partial folder is removed, `latest` and every older
+checkpoint stay as they were, and every rank raises :class:`CheckpointWriteError` naming the checkpoint,
+the rank and the errno.
 """
 
 from __future__ import annotations
 
+import errno as errno_names
 import json
 import logging
 import os
 import random
+import resource
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,6 +52,17 @@ UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 
 
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed on some rank (every rank raises it, with the same message).
+
+    The partial checkpoint folder was removed; `latest` and every older checkpoint are untouched.
+    """
+
+    def __init__(self, message: str, errno: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 @dataclass(frozen=True)
@@ -93,22 +114,38 @@ class Checkpointer:
     def latest(self) -> Checkpoint | None:
         """The checkpoint to resume from: the one `latest` names if complete, else the newest complete one.
 
-        Every skipped candidate is logged with what was wrong with it.
+        Every skipped candidate is logged with what was wrong with it, and so is every checkpoint folder
+        newer than the one returned (a save that a killed job did not finish, or never published).
         """
         pointer = self.root / LATEST
+        chosen, reported = None, set()
         if pointer.is_file():
             path = self.root / pointer.read_text().strip()
             bad = problems(path)
             if not bad:
-                return Checkpoint(path, json.loads((path / META).read_text()))
-            log.warning("checkpoint %s named by %s is not usable: %s", path.name, pointer, "; ".join(bad))
-        for path in sorted(self.root.glob("step-*"), reverse=True):
-            bad = problems(path)
-            if not bad:
-                log.warning("resuming from %s, the newest complete checkpoint", path.name)
-                return Checkpoint(path, json.loads((path / META).read_text()))
-            log.warning("skipping checkpoint %s: %s", path.name, "; ".join(bad))
-        return None
+                chosen = Checkpoint(path, json.loads((path / META).read_text()))
+            else:
+                log.warning("checkpoint %s named by %s is not usable: %s", path.name, pointer, "; ".join(bad))
+                reported.add(path.name)
+        if chosen is None:
+            for path in sorted(self.root.glob("step-*"), reverse=True):
+                bad = problems(path)
+                if not bad:
+                    log.warning("resuming from %s, the newest complete checkpoint", path.name)
+                    chosen = Checkpoint(path, json.loads((path / META).read_text()))
+                    break
+                if path.name not in reported:
+                    log.warning("skipping checkpoint %s: %s", path.name, "; ".join(bad))
+                reported.add(path.name)
+        newer = [
+            p
+            for p in sorted(self.root.glob("step-*"))
+            if p.is_dir() and p.name not in reported and (chosen is None or p.name > chosen.path.name)
+        ]
+        for path in newer:
+            why = problems(path) or [f"complete, but never published as {LATEST} (the job stopped first)"]
+            log.warning("ignoring checkpoint %s: %s", path.name, "; ".join(why))
+        return chosen
 
     # ------------------------------------------------------------------------------------- saving
 
@@ -119,36 +156,103 @@ class Checkpointer:
         ema_state: dict[str, torch.Tensor] | None,
         meta: dict[str, Any],
     ) -> Path:
-        """Write checkpoint `step` (every rank calls this), publish it as `latest`, prune old ones."""
+        """Write checkpoint `step` (every rank calls this), publish it as `latest`, then prune old ones.
+
+        Four phases, each ending with an agreement over the ranks: make the folder; each engine's
+        DeepSpeed files; the RNG states and the EMA; meta.json, then `latest`. When a phase fails on any
+        rank (a full or read-only disk, a file-size limit, non-finite EMA weights), the partial folder
+        is removed and every rank raises (CheckpointWriteError, or FloatingPointError for the EMA);
+        nothing older is touched. Old checkpoints are deleted only after the new one is published.
+        """
         from safetensors.torch import save_file
 
         rank = dist.get_rank()
         path = self.root / step_name(step)
-        if rank == 0 and path.exists():  # a partial save of this step from an earlier attempt
-            shutil.rmtree(path)
-        dist.barrier()
-        for name, engine in engines.items():
-            engine.save_checkpoint(str(path), tag=name, client_state=dict(UNIVERSAL_INFO), save_latest=False)
-        torch.save(rng_state(), path / f"rng-rank{rank}.pt")
-        if rank == 0 and ema_state is not None:
-            tensors = {k: v.detach().float().cpu().contiguous() for k, v in ema_state.items()}
-            if not all(torch.isfinite(t).all() for t in tensors.values()):
-                raise FloatingPointError(
-                    f"refusing to write checkpoint {path.name}: the EMA weights are not finite"
+
+        def make_folder() -> None:
+            if rank == 0:
+                if path.exists():  # a partial save of this step from an earlier attempt
+                    shutil.rmtree(path)
+                path.mkdir(parents=True)
+
+        def save_engine(name: str, engine: Any) -> None:
+            try:
+                engine.save_checkpoint(
+                    str(path), tag=name, client_state=dict(UNIVERSAL_INFO), save_latest=False
                 )
-            save_file(tensors, str(path / EMA_FILE))
-        dist.barrier()
+            except Exception:
+                # DeepSpeed (0.19.8) writes between its tag-validation all-reduces and one closing
+                # barrier; a rank whose write failed skipped that barrier, so it joins it here.
+                dist.barrier()
+                raise
+
+        def save_own_files() -> None:
+            torch.save(rng_state(), path / f"rng-rank{rank}.pt")
+            if rank == 0 and ema_state is not None:
+                tensors = {k: v.detach().float().cpu().contiguous() for k, v in ema_state.items()}
+                if not all(torch.isfinite(t).all() for t in tensors.values()):
+                    raise FloatingPointError(
+                        f"refusing to write checkpoint {path.name}: the EMA weights are not finite"
+                    )
+                save_file(tensors, str(path / EMA_FILE))
+
+        def publish() -> None:
+            if rank == 0:
+                files = {
+                    str(f.relative_to(path)): f.stat().st_size
+                    for f in sorted(path.rglob("*"))
+                    if f.is_file() and f.name != "zero_to_fp32.py"
+                }
+                _write_atomic(path / META, json.dumps({**meta, "step": step, "files": files}, indent=1))
+                _write_atomic(self.root / LATEST, path.name)
+
+        self._agreed(path, make_folder)
+        for name, engine in engines.items():
+            self._agreed(path, lambda: save_engine(name, engine))  # noqa: B023 (called at once)
+        self._agreed(path, save_own_files)
+        self._agreed(path, publish)
         if rank == 0:
-            files = {
-                str(f.relative_to(path)): f.stat().st_size
-                for f in sorted(path.rglob("*"))
-                if f.is_file() and f.name != "zero_to_fp32.py"
-            }
-            _write_atomic(path / META, json.dumps({**meta, "step": step, "files": files}, indent=1))
-            _write_atomic(self.root / LATEST, path.name)
-            self.prune()
+            try:
+                self.prune()
+            except OSError as exc:  # the new checkpoint is published; an old one left behind is harmless
+                log.warning("could not delete old checkpoints under %s: %s", self.root, exc)
         dist.barrier()
         return path
+
+    def _agreed(self, path: Path, phase: Callable[[], None]) -> None:
+        """Run one phase of a save on this rank, then agree with every rank on whether it failed anywhere.
+
+        On a failure, every rank learns which rank failed and why; rank 0 removes the partial folder
+        `path`; every rank raises the same error.
+        """
+        failure = None
+        try:
+            phase()
+        except Exception as exc:  # whatever failed, no rank may be left waiting in a collective
+            code, text = getattr(exc, "errno", None), str(exc)
+            if code not in errno_names.errorcode and not isinstance(exc, FloatingPointError):
+                text += f" ({_storage_notes(path)})"
+            failure = (dist.get_rank(), type(exc).__name__, code, text)
+        failures: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, failure)
+        failed = [f for f in failures if f is not None]
+        if not failed:
+            return
+        if dist.get_rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        dist.barrier()
+        pointer = self.root / LATEST
+        previous = pointer.read_text().strip() if pointer.is_file() else None
+        kept = f"{LATEST} still names {previous}" if previous else "there is no earlier checkpoint"
+        what = "; ".join(
+            f"rank {r}: {kind}: {msg}"
+            + (f" ({errno_names.errorcode[e]})" if e in errno_names.errorcode else "")
+            for r, kind, e, msg in failed
+        )
+        message = f"writing checkpoint {path} failed on {what}. Removed the partial checkpoint; {kept}"
+        if any(kind == "FloatingPointError" for _, kind, _, _ in failed):
+            raise FloatingPointError(message)
+        raise CheckpointWriteError(message, failed[0][2])
 
     def prune(self) -> None:
         """Delete complete checkpoints beyond the last `keep_last`, except milestones and `latest`."""
@@ -203,6 +307,17 @@ def to_universal(src: Path, dst: Path) -> None:
     )
     ds_to_universal(args)
     os.replace(tmp, dst)
+
+
+def _storage_notes(path: Path) -> str:
+    """What may have stopped a write under `path` when the error carries no errno (torch.save's writer raises
+    a bare RuntimeError): the free space of its filesystem, and this process's file-size limit if any."""
+    folder = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    notes = [f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free on the filesystem of {folder}"]
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        notes.append(f"this process may write files of at most {limit} bytes (ulimit -f)")
+    return "; ".join(notes)
 
 
 def _write_atomic(path: Path, text: str) -> None:

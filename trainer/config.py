@@ -43,6 +43,14 @@ class StreamConfig:
     """DataLoader worker processes per rank."""
     seed: int = 0
     """Seed of the shard and sample permutations (and of flips and crops)."""
+    verify: Literal["sha256", "size"] = "sha256"
+    """How every rank checks the shard files against the manifest before the first step (the ranks split the
+    shards): `sha256` reads each shard once (size, sha256 and sample count); `size` compares file sizes only
+    (instant, but blind to a same-size corruption)."""
+    bad_shards: Literal["error", "skip"] = "error"
+    """What a shard that fails that check does: `error` stops every rank before training, naming each bad shard
+    and the check it failed; `skip` leaves it out (logged) and reads the other shards, whose order is then the
+    same at any world size as for a shard set written without it."""
 
 
 @dataclass
