@@ -155,3 +155,78 @@ def test_every_key_of_every_job_is_documented():
         if not doc
     ]
     assert undocumented == []
+
+
+def test_reference_recipes_hold_the_papers_numbers():
+    """The shipped recipes, loaded as `ldit train` loads them, hold lightningdit.md §3.2 (DiT) and §1.4 (VA-VAE)."""
+    import math
+
+    from slurm.jobs import JOBS
+    from trainer.config import TrainVAVAEConfig
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+
+    def load(rel: str):
+        return JOBS["train"].load([str(configs / rel)], [])
+
+    for rel, size in (("dit/lightningdit_xl1.yaml", "XL/1"), ("dit/lightningdit_b1.yaml", "B/1"),
+                      ("dit/lightningdit_l2.yaml", "L/2")):  # fmt: skip
+        cfg = load(rel)  # B and L use the XL hyperparameters (§3.2, issues #20, #96)
+        assert isinstance(cfg, TrainDiTConfig) and cfg.model.size == size, rel
+        got = (cfg.data.global_batch, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay, cfg.optim.eps,
+               cfg.optim.grad_clip, cfg.optim.warmup_steps, cfg.steps, cfg.ema_decay, cfg.t_sampling,
+               cfg.cos_loss_weight, cfg.label_dropout, cfg.model.use_qknorm)  # fmt: skip
+        assert got == (
+            1024,
+            2e-4,
+            (0.9, 0.95),
+            0.0,
+            1e-8,
+            0.0,
+            0,
+            80000,
+            0.9999,
+            "lognorm",
+            1.0,
+            0.1,
+            False,
+        ), rel
+        assert cfg.precision == "auto" and cfg.kind == "dit", rel  # bf16 on GPUs (§3.2)
+
+    steps_per_epoch = math.ceil(1_281_167 / 256)  # 5005 at the global batch 256 of §1.4
+    # (epochs, vf_weight, cos_margin, distmat_margin, disc_start, init_from) of the three released stages
+    stages = {
+        1: (100, 0.5, 0.0, 0.0, 5001, ""),
+        2: (15, 0.1, 0.0, 0.0, 1, "runs/vavae-f16d32-stage1/export/latest"),
+        3: (15, 0.1, 0.5, 0.25, 1, "runs/vavae-f16d32-stage2/export/latest"),
+    }
+    for k, (epochs, vf, m1, m2, disc_start, init_from) in stages.items():
+        cfg = load(f"vavae/f16d32_stage{k}.yaml")
+        assert isinstance(cfg, TrainVAVAEConfig) and cfg.model == "f16d32"
+        loss = cfg.loss
+        assert (cfg.steps, loss.vf_weight, loss.cos_margin, loss.distmat_margin, loss.disc_start) == (
+            epochs * steps_per_epoch,
+            vf,
+            m1,
+            m2,
+            disc_start,
+        ), f"stage {k}"
+        assert cfg.init_from == init_from and cfg.run.name == f"vavae-f16d32-stage{k}"
+        # every stage: Adam 1e-4, betas (0.5, 0.9), no decay, no warmup, no clip, no EMA, fp32, batch 256, 256 px
+        assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay, cfg.optim.warmup_steps,
+                cfg.optim.grad_clip) == (1e-4, (0.5, 0.9), 0.0, 0, 0.0)  # fmt: skip
+        assert (cfg.ema_decay, cfg.precision, cfg.data.global_batch, cfg.image_size) == (
+            0.0,
+            "fp32",
+            256,
+            256,
+        )
+        # the loss of §1.3: L1 + 1.0 LPIPS, KL 1e-6, adaptive GAN weight x 0.5, VF against DINOv2
+        assert (loss.perceptual_weight, loss.kl_weight, loss.disc_weight, loss.use_vf, loss.foundation) == (
+            1.0,
+            1e-6,
+            0.5,
+            True,
+            "dinov2",
+        )
+        assert (loss.proj_fix, loss.disc_start_clock) == (False, "lightning")

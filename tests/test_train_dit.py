@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_prep.shards import encode_npy, write_shard
-from tests.conftest import ROOT, clean_env
+from tests.conftest import ROOT, clean_env, run_procs
 from tests.data_fixtures import gaussian_latent_set
 
 CONFIG = str(ROOT / "configs/dit/tiny_cpu.yaml")
@@ -121,19 +121,41 @@ def test_zero2_partitions_the_optimizer_state(latents, straight, tmp_path):
 
 
 def test_tensorboard_has_every_scalar_and_no_step_twice(latents, tmp_path):
+    """A resume that replays logged steps: run 1 logs steps 1-5 and saves at 3 and 5; its step-5 checkpoint
+    is lost, so run 2 resumes at 3 and logs 4, 5 and 6. TensorBoard (purge_step=4 writes a SessionLog START
+    at step 4, which hides run 1's later events) and log.jsonl (cut after step 3) hold steps 1-6 once each,
+    with run 2's values at 4 and 5. Without purge_step every tag reads [1, 2, 3, 4, 5, 4, 5, 6]."""
+    import shutil
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(latents, tmp_path, "tb", "steps=3", "ckpt.every=3", "log.sample_every=3")
-    train(latents, tmp_path, "tb", "steps=5", "ckpt.every=5", "log.sample_every=5")
-    acc = EventAccumulator(str(tmp_path / "tb" / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
-    tags = set(acc.Tags()["scalars"])
+    run = tmp_path / "tb"
+    train(latents, tmp_path, "tb", "steps=5", "ckpt.every=3", "log.sample_every=3")
+    first = {e["step"]: e for e in log(tmp_path, "tb")}
+    assert sorted(first) == [1, 2, 3, 4, 5]
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000005"
+    shutil.rmtree(run / "checkpoints" / "step-00000005")  # `latest` names it: resume falls back to step 3
+    proc = train(latents, tmp_path, "tb", "steps=6", "ckpt.every=3", "log.sample_every=3")
+    assert "resumed tb at step 3\n" in proc.stdout
+    assert "checkpoint step-00000005 named by" in proc.stderr and "is not usable" in proc.stderr
+    second = log(tmp_path, "tb")
+    assert [e["step"] for e in second] == [1, 2, 3, 4, 5, 6]
+    assert second[:3] == [first[s] for s in (1, 2, 3)]  # the kept lines, untouched
+    # Steps 4 and 5 replay bit for bit (same world size); their timings are run 2's own.
+    assert [second[s - 1]["loss/total"] for s in (4, 5)] == [first[s]["loss/total"] for s in (4, 5)]
+    assert all(second[s - 1]["perf/samples_per_s"] != first[s]["perf/samples_per_s"] for s in (4, 5))
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
     expected = {"loss/total", "loss/mse", "loss/cos", "opt/lr", "opt/grad_norm", "perf/samples_per_s",
                 "perf/samples_per_s_per_device", "perf/mfu", "perf/data_wait_s", "sys/memory_gb"}  # fmt: skip
-    assert expected <= tags
-    steps = [e.step for e in acc.Scalars("loss/total")]
-    assert sorted(steps) == [1, 2, 3, 4, 5]
-    assert [e.step for e in acc.Images("samples/ema")] == [3, 5]
-    assert (tmp_path / "tb" / "samples" / "step-00000005.png").is_file()
+    assert expected <= set(acc.Tags()["scalars"])
+    for tag in expected:
+        assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3, 4, 5, 6], tag
+    for tag in ("loss/total", "perf/samples_per_s", "sys/memory_gb"):
+        tb = [e.value for e in acc.Scalars(tag)]  # float32 in the event file
+        np.testing.assert_allclose(tb, [e[tag] for e in second], rtol=1e-6, err_msg=tag)
+    assert [e.step for e in acc.Images("samples/ema")] == [3, 6]  # run 1's step-5 grid is hidden too
+    assert (run / "samples" / "step-00000006.png").is_file()
 
 
 def test_bf16_trains_with_fp32_ema(latents, tmp_path):
@@ -143,6 +165,11 @@ def test_bf16_trains_with_fp32_ema(latents, tmp_path):
     assert all(np.isfinite(ls))
     ema = load_file(str(tmp_path / "bf16" / "checkpoints" / "step-00000003" / "ema.safetensors"))
     assert {t.dtype for t in ema.values()} == {torch.float32}
+    # The checkpoint casts the EMA with .float(), so the dtype alone proves nothing: an average kept in bf16
+    # would hold only bf16 values. An fp32 average of (fp32 initial weights, bf16 live weights) does not.
+    for key in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.w12.weight", "y_embedder.embedding_table.weight"):
+        w = ema[key]
+        assert (w != w.bfloat16().float()).float().mean() > 0.9, key
     module = module_weights(tmp_path, "bf16", 3)
     assert module["blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
 
@@ -178,11 +205,102 @@ def test_world_size_must_divide_the_streams(latents, tmp_path):
     assert "world size 3 must divide data.streams=4" in proc.stderr
 
 
+COUNT_CHECKPOINTS = """
+import os, sys
+import models.lightningdit as m
+calls, inner = 0, m.checkpoint
+def counting(*args, **kwargs):
+    global calls
+    calls += 1
+    return inner(*args, **kwargs)
+m.checkpoint = counting  # what LightningDiT.forward calls for each block when checkpointing is on
+from slurm.cli import main
+code = main(sys.argv[1:])
+with open(os.environ["CALLS_FILE"] + os.environ["RANK"], "w") as f:
+    f.write(str(calls))
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(code)
+"""
+
+
 def test_activation_checkpointing_gives_the_same_losses(latents, straight, tmp_path):
-    train(latents, tmp_path, "ckpt-on", "steps=6", "ckpt.every=6", "grad_checkpointing=true")
+    """grad_checkpointing=true: the same losses and weights as without, and the trainer really checkpoints.
+
+    The two ranks are started as `ldit train --local 2` starts them, each wrapping torch.utils.checkpoint
+    as models.lightningdit calls it: every block of every training forward goes through it (6 steps x 2
+    blocks on each rank). A trainer that ignored the flag would make 0 calls (and the same losses).
+    """
+    from slurm.env import child_env, free_port
+
+    args = [CONFIG, f"data.shards={latents}", f"run.root={tmp_path}", "run.name=ckpt-on", "log.every=1",
+            "steps=6", "ckpt.every=6", "grad_checkpointing=true"]  # fmt: skip
+    cmd = [sys.executable, "-c", COUNT_CHECKPOINTS, "train", *args]
+    port, calls = free_port(), tmp_path / "calls-rank"
+    run_procs([(cmd, child_env(r, 2, port, clean_env(CALLS_FILE=str(calls)))) for r in (0, 1)], timeout=300)
+    assert [int(Path(f"{calls}{r}").read_text()) for r in (0, 1)] == [6 * 2, 6 * 2]
     assert losses(tmp_path, "ckpt-on") == losses(straight, "straight")
     a, b = final_weights(straight, "straight"), final_weights(tmp_path, "ckpt-on")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_gives_the_same_losses(latents, straight, tmp_path):
+    """micro_batch=4 of the per-rank 8: two accumulated micro-batches per step give the straight run's losses.
+
+    Same samples, noise, t and dropout; only the order of fp32 reductions differs (each rank's loss is the
+    mean of two means of 4 instead of one mean of 8, and DeepSpeed sums two half-scaled gradients), a few
+    ulps a step that Adam carries on: at most 8e-8 relative over 6 steps here. 1e-5, as for the elastic resume
+    (whose reductions differ the same way), leaves room for other CPUs' kernels.
+    """
+    train(latents, tmp_path, "accum", "steps=6", "ckpt.every=3", "micro_batch=4")
+    topo = json.loads((tmp_path / "accum" / "topology.json").read_text())
+    assert (topo["micro_batch"], topo["grad_accum"], topo["global_batch"]) == (4, 2, 16)
+    ds = json.loads((tmp_path / "accum" / "ds_config.json").read_text())
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (4, 2)
+    got, ref = log(tmp_path, "accum"), log(straight, "straight")
+    assert [e["step"] for e in got] == [e["step"] for e in ref] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss/total", "loss/mse", "loss/cos", "opt/grad_norm"):
+        np.testing.assert_allclose([e[key] for e in got], [e[key] for e in ref], rtol=1e-5, err_msg=key)
+    a, b = final_weights(straight, "straight"), final_weights(tmp_path, "accum")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_warmup_and_clipping_shape_the_updates(latents, straight, tmp_path):
+    """optim.warmup_steps=4 and optim.grad_clip=1e-7, read back from the logs and from the first update.
+
+    The fresh LightningDiT outputs exactly 0 (zero-initialised final layer and adaLN), so at step 1 only
+    `final_layer.linear` gets a gradient ĝ, and Adam's first update of each of its elements (starting at
+    0) is exactly w = -lr_1 · ĝ / (|ĝ| + eps), eps = 1e-8. So |w| / lr_1 = r gives |ĝ| = eps · r / (1 - r):
+    with lr_1 = lr / 4 (warmup) the gradients so recovered must have DeepSpeed's clipped norm
+    clip · g / (g + 1e-6), where g is the pre-clip norm the run logs. Without warmup r would be 4x smaller,
+    without clipping r would be 1 (|w| = lr_1) and the recovered norm absurd.
+    """
+    from models.lightningdit import LightningDiT, LightningDiTArgs
+
+    lr, warmup, clip, eps = 1e-3, 4, 1e-7, 1e-8
+    train(latents, tmp_path, "warm", "steps=6", "ckpt.every=1", "ckpt.keep_last=6",
+          f"optim.warmup_steps={warmup}", f"optim.grad_clip={clip}")  # fmt: skip
+    entries = log(tmp_path, "warm")
+    # opt/lr is the rate each step applied: linear from lr/warmup at step 1 to lr at step `warmup`
+    assert [e["opt/lr"] for e in entries] == pytest.approx([lr * min(1.0, k / warmup) for k in range(1, 7)])
+    ref = log(straight, "straight")[0]  # the same weights and batch at step 1: the same loss and raw norm
+    assert (
+        entries[0]["loss/total"] == ref["loss/total"] and entries[0]["opt/grad_norm"] == ref["opt/grad_norm"]
+    )
+    g = entries[0]["opt/grad_norm"]
+    assert g > 1e4 * clip  # logged before clipping
+
+    meta = json.loads((tmp_path / "warm" / "checkpoints" / "step-00000001" / "meta.json").read_text())
+    torch.manual_seed(meta["config"]["seed"])  # the trainer's initial weights
+    w0 = LightningDiT(LightningDiTArgs(**meta["model_args"])).state_dict()
+    w1 = module_weights(tmp_path, "warm", 1)
+    moved = {k for k in w0 if not torch.equal(w0[k], w1[k])}
+    assert moved == {"final_layer.linear.weight", "final_layer.linear.bias"}
+    update = torch.cat([(w1[k] - w0[k]).flatten() for k in sorted(moved)]).double()
+    r = update.abs() / (lr / warmup)
+    assert r.min() > 0 and r.max() < 0.95  # every element took a step smaller than lr_1: clipped
+    recovered = (eps * r / (1 - r)).norm().item()
+    assert recovered == pytest.approx(clip * g / (g + 1e-6), rel=1e-3)
 
 
 def test_activation_checkpointing_cuts_saved_activations():

@@ -136,6 +136,7 @@ def train(cfg: TrainDiTConfig) -> None:
             x1 = normalize_latents(batch.x.to(topo.device, non_blocking=True), mean, std)
             y = batch.y.to(topo.device)
             noise, t, drop = (v.to(topo.device) for v in step_draws(cfg, step, batch.positions, x1.shape[1:]))
+            lr = engine.get_lr()[0]  # the rate this step applies (the scheduler advances in engine.step())
             finite = True
             for i in range(topo.grad_accum):
                 sl = slice(i * topo.micro_batch, (i + 1) * topo.micro_batch)
@@ -167,7 +168,7 @@ def train(cfg: TrainDiTConfig) -> None:
                 )  # over steps and ranks
                 values |= meter.summary(topo.world_size, flops.forward + flops.backward, cfg.log.peak_tflops)
                 values |= {
-                    "opt/lr": engine.get_lr()[0],
+                    "opt/lr": lr,
                     "opt/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                     "opt/skipped_steps": float(skipped),
                     "sys/memory_gb": memory_bytes(topo.device) / 2**30,

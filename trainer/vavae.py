@@ -286,6 +286,7 @@ def train(cfg: TrainVAVAEConfig) -> None:
             eps = per_sample_normal(cfg.seed, step, batch.positions, (args.embed_dim, side, side))
             eps = eps.to(topo.device)
             ae_clock, d_clock = gan_steps(cfg.loss.disc_start_clock, step)
+            lrs = {n: e.get_lr()[0] for n, e in engines.items()}  # this step's rates; step() advances them
             finite = True
             for i in range(topo.grad_accum):
                 sl = slice(i * topo.micro_batch, (i + 1) * topo.micro_batch)
@@ -320,7 +321,7 @@ def train(cfg: TrainVAVAEConfig) -> None:
                 perf = meter.summary(topo.world_size, 0.0, 1.0)  # no analytic FLOPs: MFU left out
                 values |= {k: v for k, v in perf.items() if k != "perf/mfu"}
                 for name, engine in engines.items():
-                    values[f"opt/{name}/lr"] = engine.get_lr()[0]
+                    values[f"opt/{name}/lr"] = lrs[name]
                     values[f"opt/{name}/grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
                     values[f"sys/{name}/optimizer_state_mb_rank0"] = optimizer_state_bytes(engine) / 2**20
                 values |= {
