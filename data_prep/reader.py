@@ -308,6 +308,12 @@ def _url(folder: str | Path, name: str) -> str:
     return str(Path(folder) / name)
 
 
+def flip_mask(uniforms: np.ndarray) -> np.ndarray:
+    """(n,) bool: which samples a latent decoder reads flipped, from their uniforms (n, 2) (reference §5:
+    probability 1/2). `ldit inspect order` reports flips with this same rule."""
+    return uniforms[:, 0] < 0.5
+
+
 def latent_decoder() -> Decode:
     """Decode latent samples: the flipped latent with probability 1/2 (reference §5), in the stored dtype.
 
@@ -317,7 +323,7 @@ def latent_decoder() -> Decode:
     from data_prep.shards import decode_npy
 
     def decode(samples: list[dict[str, Any]], uniforms: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        flips = uniforms[:, 0] < 0.5
+        flips = flip_mask(uniforms)
         arrays = [decode_npy(x["latent_flip.npy" if f else "latent.npy"]) for x, f in zip(samples, flips)]
         x = torch.from_numpy(np.stack(arrays))  # (n, C, H, W)
         return x, torch.tensor([int(bytes(x["cls"])) for x in samples], dtype=torch.long)

@@ -3,6 +3,7 @@
     ldit <job> [CONFIG.yaml ...] [key=value ...] [--local N]
     ldit <job> [CONFIG.yaml ...] [key=value ...] --slurm --cluster CLUSTER.yaml [cluster.key=value ...]
          [--after JOBID]
+    ldit inspect {data,order,checkpoint,run} ...   (read-only; slurm/inspect.py)
 
 The config is loaded and checked before any process starts, so a typo costs a second, not a queue
 wait. Exit codes: 0 done; 2 usage or configuration error (or a job not built yet); 1 the job failed.
@@ -22,6 +23,7 @@ from typing import Any
 from data_prep.manifest import ShardSetError
 from eval.job import EvalInputError
 from models.weights import PretrainedWeightsError
+from slurm import inspect as inspect_cmd
 from slurm.config import ConfigError, help_text, to_yaml
 from slurm.jobs import JOBS, Job
 from trainer.common import NonFiniteLoss, StopRequested
@@ -88,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--nodes", metavar="N,N,…", help="node counts, one job each (nodes=[…])")
             p.add_argument("--steps", type=int, metavar="N", help="steps each job runs")
             p.add_argument("--report", metavar="DIR", help="only write the report of the sweep in DIR")
+    # Not a job: sub-commands with their own flags, no config schema, no process group (slurm/inspect.py).
+    summary = inspect_cmd.SUMMARY
+    inspect_cmd.configure(sub.add_parser("inspect", help=summary, description=f"ldit inspect: {summary}."))
     return parser
 
 
@@ -209,6 +214,8 @@ def _sweep_overrides(ns: argparse.Namespace, files: list[str], overrides: list[s
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["inspect"]:
+        return inspect_cmd.main(argv[1:])
     parser = _parser()
     # Config files and overrides may also follow the options (`--slurm --cluster c.yaml cluster.nodes=4`).
     ns, extra = parser.parse_known_args(argv)

@@ -2,6 +2,9 @@
 states (from accounting, `sacct`; a pending job also shows squeue's reason, e.g. a dependency that can
 never be satisfied because the job it waits for failed).
 
+:func:`run_status` gathers it as a dict and :func:`render_status` writes the text; `ldit inspect run`
+prints the same text, or the dict with `--json`.
+
 Jobs are known from `<run>/slurm/jobs.jsonl`, which `ldit … --slurm` appends to on every submission.
 """
 
@@ -70,52 +73,85 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     return {j: states.get(j, "unknown (no SLURM tools or record here)") for j in job_ids}
 
 
-def describe_run(run_dir: Path) -> str:
-    """The status text of one run directory."""
+def run_status(run_dir: Path) -> dict[str, Any]:
+    """What `ldit status` and `ldit inspect run` show of one run directory, as a JSON-ready dict.
+
+    Keys: `run`; `checkpoints` (newest first: name, latest, complete, problems); `last_log` (step and
+    the `loss/*` scalars of the last line of log.jsonl, or None); `export` (where export/latest points,
+    or None); `evals` (name and metrics of every eval/*/metrics.json); `jobs` (the SLURM jobs recorded
+    in slurm/jobs.jsonl with their states, or None when none were submitted with --slurm).
+    """
     from trainer.checkpoint import Checkpointer, problems
 
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    lines = [f"run {run_dir}"]
     ckpts = Checkpointer(run_dir)
-    folders = sorted(ckpts.root.glob("step-*"))
     latest = (ckpts.root / "latest").read_text().strip() if (ckpts.root / "latest").is_file() else None
-    if folders:
-        parts = []
-        for f in reversed(folders):
-            bad = problems(f)
-            tags = (["latest"] if f.name == latest else []) + (["complete"] if not bad else ["incomplete"])
-            parts.append(f"{f.name} ({', '.join(tags)})")
-        lines.append("  checkpoints: " + ", ".join(parts))
-    else:
-        lines.append("  checkpoints: none")
+    checkpoints = []
+    for f in sorted(ckpts.root.glob("step-*"), reverse=True):
+        bad = problems(f)
+        checkpoints.append({"name": f.name, "latest": f.name == latest, "complete": not bad, "problems": bad})
+    last_log = None
     log = run_dir / "log.jsonl"
     if log.is_file() and (entries := log.read_text().splitlines()):
         last: dict[str, Any] = json.loads(entries[-1])
-        losses = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("loss/"))
-        lines.append(f"  last logged step {last['step']}" + (f": {losses}" if losses else ""))
+        last_log = {"step": last["step"], "losses": {k: v for k, v in last.items() if k.startswith("loss/")}}
     link = run_dir / "export" / "latest"
-    if link.is_symlink():
-        lines.append(f"  export: export/latest -> {os.readlink(link)}")
-    evals = sorted((run_dir / "eval").glob("*/metrics.json"))
-    for m in evals:
-        metrics = json.loads(m.read_text())
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        lines.append(f"  eval {m.parent.name}: {shown}")
+    evals = [
+        {"name": m.parent.name, "metrics": json.loads(m.read_text())}
+        for m in sorted((run_dir / "eval").glob("*/metrics.json"))
+    ]
+    jobs = None
     jobs_path = run_dir / JOBS_FILE
     if jobs_path.is_file():
         jobs = [json.loads(line) for line in jobs_path.read_text().splitlines()]
         states = slurm_states([j["job_id"] for j in jobs])
+        jobs = [{**j, "state": states[j["job_id"]]} for j in jobs]
+    return {
+        "run": str(run_dir),
+        "checkpoints": checkpoints,
+        "last_log": last_log,
+        "export": os.readlink(link) if link.is_symlink() else None,
+        "evals": evals,
+        "jobs": jobs,
+    }
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """The text of :func:`run_status`'s dict, as `ldit status` prints it."""
+    lines = [f"run {status['run']}"]
+    if status["checkpoints"]:
+        parts = []
+        for c in status["checkpoints"]:
+            tags = (["latest"] if c["latest"] else []) + (["complete"] if c["complete"] else ["incomplete"])
+            parts.append(f"{c['name']} ({', '.join(tags)})")
+        lines.append("  checkpoints: " + ", ".join(parts))
+    else:
+        lines.append("  checkpoints: none")
+    if (last := status["last_log"]) is not None:
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in last["losses"].items())
+        lines.append(f"  last logged step {last['step']}" + (f": {losses}" if losses else ""))
+    if status["export"] is not None:
+        lines.append(f"  export: export/latest -> {status['export']}")
+    for e in status["evals"]:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in e["metrics"].items() if isinstance(v, float))
+        lines.append(f"  eval {e['name']}: {shown}")
+    if status["jobs"] is not None:
         lines.append("  SLURM jobs:")
-        for j in jobs:
+        for j in status["jobs"]:
             after = f", after {j['after']}" if j.get("after") else ""
             lines.append(
-                f"    {j['job_id']:>8}  ldit {j['job']:<8} {states[j['job_id']]:<32} submitted {j['submitted']}"
+                f"    {j['job_id']:>8}  ldit {j['job']:<8} {j['state']:<32} submitted {j['submitted']}"
                 f"  {j['resources']}{after}"
             )
     else:
         lines.append("  SLURM jobs: none submitted with --slurm")
     return "\n".join(lines)
+
+
+def describe_run(run_dir: Path) -> str:
+    """The status text of one run directory (`ldit status`; `ldit inspect run` prints the same)."""
+    return render_status(run_status(run_dir))
 
 
 def run(cfg: StatusConfig) -> None:

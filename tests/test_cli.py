@@ -40,6 +40,7 @@ def test_help_lists_every_job():
     assert list(JOBS) == ALL_JOBS
     for name, job in JOBS.items():
         assert name in out and job.summary.split()[0] in out
+    assert "inspect" in out  # not a job: read-only sub-commands (slurm/inspect.py)
 
 
 def test_job_help_lists_keys_with_docs(capsys):
