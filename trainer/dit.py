@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from data_prep.manifest import Manifest, ShardSetError
-from data_prep.reader import StreamReader, latent_decoder, normalize_latents, open_shard_set
+from data_prep.reader import StreamReader, latent_decoder, normalize_latents
 from models.ema import EMA
 from models.export import load_lightningdit, load_vavae
 from models.flow import FlowArgs, RectifiedFlow
@@ -42,6 +42,7 @@ from trainer.common import (
 from trainer.config import TrainDiTConfig
 from trainer.engine import build_engine, deepspeed_config
 from trainer.export import export_weights
+from trainer.preflight import open_training_shards
 
 
 def model_args(cfg: TrainDiTConfig, manifest: Manifest) -> LightningDiTArgs:
@@ -80,7 +81,7 @@ def train(cfg: TrainDiTConfig) -> None:
     topo = topology(cfg)
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = open_shard_set(cfg.data.shards, "latents")
+    manifest = open_training_shards(cfg.data, "latents")  # verified on every rank before step 0
     if manifest.latent is None or not manifest.latent.std:
         raise ShardSetError(
             f"{cfg.data.shards}/manifest.json has no latent statistics; rerun extract-latents"

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data_prep.reader import StreamReader, image_decoder, open_shard_set
+from data_prep.reader import StreamReader, image_decoder
 from models.discriminator import NLayerDiscriminator
 from models.ema import EMA
 from models.export import load_vavae
@@ -74,6 +74,7 @@ from trainer.common import (
 from trainer.config import TrainVAVAEConfig
 from trainer.engine import build_engine, deepspeed_config
 from trainer.export import export_weights
+from trainer.preflight import open_training_shards
 
 TRAINING_EXTRAS = "training_extras.safetensors"
 """File of an export folder with the trained weights that are not the autoencoder (VF projection, D)."""
@@ -227,7 +228,7 @@ def fp32_out(net: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) ->
 def train(cfg: TrainVAVAEConfig) -> None:
     topo = topology(cfg)
     run_dir = cfg.run.dir
-    manifest = open_shard_set(cfg.data.shards, "images")
+    manifest = open_training_shards(cfg.data, "images")  # verified on every rank before step 0
     args = autoencoder_args(cfg.model)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every attempt
     autoencoder, discriminator = AutoencoderKL(args), NLayerDiscriminator()
