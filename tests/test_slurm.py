@@ -1,13 +1,16 @@
 """Real SLURM jobs through `slurm.submit` on the test cluster (slurm/scripts/cluster_up.sh; marker `slurm`).
 
-The training job is not built yet, so the job submitted is tests/workers/slurm_task.py, registered for
-these tests only: it runs on every task exactly as an `ldit` job would (same submit path, same
-`slurm.env.init_distributed`). Each test uses a fresh submitit folder (job ids restart at 1 on a fresh
-cluster, and an old folder could hand back a stale result).
+The launcher's own mechanics (placement, `afterok`, the time-limit signal) are tested with
+tests/workers/slurm_task.py, a job registered for these tests only that runs on every task exactly as an
+`ldit` job would (same submit path, same `slurm.env.init_distributed`); the real jobs follow: `ldit train`
+of the tiny DiT on 2 nodes, requeued on a time limit and on a preemption signal, chained to `ldit eval`
+with `--then-eval` and `--after`, and `ldit sweep`. Each test uses a fresh submitit folder (job ids
+restart at 1 on a fresh cluster, and an old folder could hand back a stale result).
 """
 
 from __future__ import annotations
 
+import datetime
 import re
 import signal
 import subprocess
@@ -262,7 +265,9 @@ def test_time_limit_requeues_training_and_it_ends_like_an_uninterrupted_run(tmp_
     from tests.conftest import clean_env
     from tests.data_fixtures import gaussian_latent_set
 
-    steps = 2500  # ~100 s of training on 4 ranks here: longer than one segment
+    # ~75 s of training on 4 ranks here. A segment trains 20-60 s (CI: 314-690 steps a segment, 455 in the
+    # first, which also starts up), so the run needs at least one requeue, usually one or two.
+    steps = 1000
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job inherits it: the reference's thread count
     gaussian_latent_set(tmp_path / "latents")
     common = ["configs/dit/tiny_cpu.yaml", f"data.shards={tmp_path / 'latents'}", f"run.root={tmp_path / 'runs'}",
@@ -301,3 +306,226 @@ def test_time_limit_requeues_training_and_it_ends_like_an_uninterrupted_run(tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
     saved = sorted(p.name for p in (runs / "limited" / "checkpoints").glob("step-*"))
     assert saved[-1] == f"step-{steps:08d}" and len(saved) >= 2  # a checkpoint at the signal, and the last
+
+
+def sacct_times(*job_ids: str) -> dict[str, tuple[datetime.datetime, datetime.datetime]]:
+    """(Start, End) of each job from accounting (one-second resolution)."""
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-o", "JobIDRaw,Start,End", "-j", ",".join(job_ids)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rows = [line.split("|") for line in out.splitlines() if line]
+    return {j: (datetime.datetime.fromisoformat(s), datetime.datetime.fromisoformat(e)) for j, s, e in rows}
+
+
+def tiny_eval_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """A random `digits` VA-VAE export (decodes (4, 4, 4) latents to 32 px) and a tiny eval config: 8 samples
+    from 4 Euler points, random Inception weights, a synthetic FID reference (no download anywhere)."""
+    import numpy as np
+    import torch
+
+    from eval.inception import WEIGHTS_FILE, random_weights
+    from eval.metrics import ReferenceStats, save_reference
+    from models.vavae import AutoencoderKL, autoencoder_args
+    from trainer.config import RunConfig, StreamConfig, TrainVAVAEConfig
+    from trainer.export import export_weights
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(autoencoder_args("digits")).eval()
+    vcfg = TrainVAVAEConfig(run=RunConfig(name="vae", root=str(tmp_path / "runs")), model="digits",
+                            data=StreamConfig(shards=str(tmp_path / "images")))  # fmt: skip
+    vavae = export_weights(tmp_path / "runs" / "vae", 1, vae, vae.state_dict(), vcfg)
+    inception = random_weights(tmp_path / WEIGHTS_FILE, seed=0)
+    rng = np.random.default_rng(0)
+    reference = tmp_path / "reference.npz"
+    save_reference(
+        reference, ReferenceStats(np.zeros(2048), np.eye(2048), pool=rng.standard_normal((10, 2048)))
+    )
+    eval_yaml = tmp_path / "eval_tiny.yaml"
+    eval_yaml.write_text(
+        "num_samples: 8\nbatch_size: 4\nsampler:\n  points: 4\n  cfg_scale: 1.0\nis_splits: 2\ngrid: 8\n"
+        f"reference: {reference}\ninception_weights: {inception}\n"
+    )
+    return vavae, eval_yaml
+
+
+def test_train_then_eval_runs_the_eval_after_training_succeeds(tmp_path, capsys):
+    """`ldit train … --slurm --then-eval EVAL.yaml`: two jobs, the eval `afterok` the training. The eval waits
+    (reason Dependency) while training runs, starts only after it completed, and writes metrics.json for the
+    run's last export; `ldit status` lists both jobs."""
+    import json
+    import math
+
+    from tests.data_fixtures import gaussian_latent_set
+
+    gaussian_latent_set(tmp_path / "latents")
+    vavae, eval_yaml = tiny_eval_inputs(tmp_path)
+    run = tmp_path / "runs" / "chain"
+    argv = ["train", "configs/dit/tiny_cpu.yaml", f"data.shards={tmp_path / 'latents'}", f"run.root={run.parent}",
+            "run.name=chain", "steps=10", "ckpt.every=10", f"vavae={vavae}", "--slurm", "--cluster", str(LOCAL),
+            f"cluster.folder={tmp_path}/logs/%j", "cluster.nodes=1", "--then-eval", str(eval_yaml)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    train_id, eval_id = re.findall(r"submitted SLURM job (\d+) ", printed)
+    assert f"after job {train_id} succeeds" in printed
+    train_job = submitit.SlurmJob(folder=f"{tmp_path}/logs/%j", job_id=train_id, tasks=range(2))
+    eval_job = submitit.SlurmJob(folder=f"{tmp_path}/logs/%j", job_id=eval_id, tasks=range(2))
+    try:
+        deadline = time.monotonic() + 15
+        while (state := squeue(eval_id)) != "PENDING Dependency":
+            assert state.startswith("PENDING") and time.monotonic() < deadline, state
+            time.sleep(0.5)
+        assert wait(train_job, 240) == "COMPLETED", logs(train_job)
+        assert wait(eval_job, 300) == "COMPLETED", logs(eval_job)
+    finally:
+        eval_job.cancel(check=False)
+    times = sacct_times(train_id, eval_id)
+    print(
+        f"training {times[train_id][0]} - {times[train_id][1]}, eval {times[eval_id][0]} - {times[eval_id][1]}"
+    )
+    assert times[eval_id][0] >= times[train_id][1]
+    (metrics,) = (run / "eval").glob("*/metrics.json")
+    assert metrics.parent.name.startswith("step-00000010_euler4-") and metrics.parent.name.endswith(
+        "_n8_reference"
+    )
+    doc = json.loads(metrics.read_text())
+    assert doc["export"]["step"] == 10
+    assert (doc["vavae"]["path"], doc["vavae"]["from"]) == (str(vavae), "the run's vavae")
+    assert math.isfinite(doc["metrics"]["fid"]) and doc["metrics"]["inception_score"] >= 1.0
+    assert main(["status", str(run)]) == 0
+    status = capsys.readouterr().out
+    assert re.search(rf"{train_id}\s+ldit train\s+COMPLETED", status), status
+    assert re.search(rf"{eval_id}\s+ldit eval\s+COMPLETED.*after {train_id}", status), status
+
+
+def test_status_says_why_an_eval_after_a_failed_training_never_runs(tmp_path, capsys):
+    """A training job that fails (lr 1e30: the loss overflows at step 2 and nonfinite=stop ends the run) and
+    `ldit eval --slurm --after` it: the eval never runs, and `ldit status <run>` shows the reason."""
+    from tests.data_fixtures import gaussian_latent_set
+
+    gaussian_latent_set(tmp_path / "latents")
+    run = tmp_path / "runs" / "doomed"
+    where = ["--slurm", "--cluster", str(LOCAL), f"cluster.folder={tmp_path}/logs/%j", "cluster.nodes=1",
+             "cluster.tasks_per_node=1"]  # fmt: skip
+    argv = ["train", "configs/dit/tiny_cpu.yaml", f"data.shards={tmp_path / 'latents'}", f"run.root={run.parent}",
+            "run.name=doomed", "optim.lr=1.0e30", *where]  # fmt: skip
+    assert main(argv) == 0
+    train_id = re.search(r"submitted SLURM job (\d+) ", capsys.readouterr().out).group(1)
+    assert (
+        main(
+            [
+                "eval",
+                f"run.root={run.parent}",
+                "run.name=doomed",
+                "num_samples=8",
+                *where,
+                "--after",
+                train_id,
+            ]
+        )
+        == 0
+    )
+    eval_id = re.search(r"submitted SLURM job (\d+) ", capsys.readouterr().out).group(1)
+    train_job = submitit.SlurmJob(folder=f"{tmp_path}/logs/%j", job_id=train_id)
+    eval_job = submitit.SlurmJob(folder=f"{tmp_path}/logs/%j", job_id=eval_id)
+    try:
+        assert wait(train_job, 180) == "FAILED", logs(train_job)
+        assert "ldit train: error: non-finite loss at step" in Path(train_job.paths.stderr).read_text()
+        deadline = time.monotonic() + 60
+        while True:
+            assert main(["status", str(run)]) == 0
+            status = capsys.readouterr().out
+            if re.search(rf"{eval_id}\s+ldit eval\s+PENDING \(DependencyNeverSatisfied\)", status):
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(1)
+        assert re.search(rf"{train_id}\s+ldit train\s+FAILED", status), status
+        assert re.search(
+            rf"{eval_id}\s+ldit eval\s+PENDING \(DependencyNeverSatisfied\).*after {train_id}", status
+        )
+        time.sleep(3)  # more scheduling passes: it still does not start
+        assert squeue(eval_id) == "PENDING DependencyNeverSatisfied"
+        assert not (run / "eval").exists() and not list(Path(eval_job.paths.folder).glob("*_log.*"))
+    finally:
+        eval_job.cancel(check=False)
+
+
+def test_preemption_signal_requeues_training_and_it_ends_like_an_uninterrupted_run(
+    tmp_path, capsys, monkeypatch
+):
+    """A running tiny DiT gets SIGTERM on every task, as SLURM's preemption delivers it; it saves, is requeued,
+    resumes, and ends with every step's loss and the EMA equal to an uninterrupted run's.
+
+    A true preemption is not possible on the test cluster: its slurm.conf (slurm/scripts/slurm.conf.in) has
+    the default PreemptType=preempt/none and one partition, and slurmctld reads PreemptType only at start.
+    With PreemptMode=REQUEUE SLURM would send SIGCONT + SIGTERM to the job's tasks (and, with
+    `preempt_send_user_signal`, the --signal USR2), wait GraceTime and requeue the job. The nearest real
+    mechanism is used instead: `scancel --signal=TERM` makes slurmd deliver SIGTERM to every task of the job
+    (not to the batch shell). submitit's own handler ignores SIGTERM; the trainer catches it on every rank,
+    agrees, saves and exits 75, and `slurm.submit` hands the signal to submitit, which finds the job well
+    inside its time limit, calls it pre-empted (no time-out counted: 3 remaining of max_requeues=3) and
+    requeues it with `scontrol requeue`. (`scontrol requeue <job>` alone would kill the tasks after
+    KillWait=5 s and start the job again without letting it save.)
+
+    The limit is 30 minutes, not local.yaml's 10: submitit calls a signalled job timed out once its walltime
+    reaches min(0.8 * limit, limit - 10 min), which is 0 s for limits of 10 minutes or less, so there every
+    pre-emption would count against max_requeues.
+    """
+    import json
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.conftest import clean_env
+    from tests.data_fixtures import gaussian_latent_set
+
+    steps = 200
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job inherits it: the reference's thread count
+    gaussian_latent_set(tmp_path / "latents")
+    runs = tmp_path / "runs"
+    common = ["configs/dit/tiny_cpu.yaml", f"data.shards={tmp_path / 'latents'}", f"run.root={runs}",
+              f"steps={steps}", "ckpt.every=100000", "log.every=1"]  # fmt: skip
+    argv = ["train", *common, "run.name=preempted", "--slurm", "--cluster", str(LOCAL),
+            f"cluster.folder={tmp_path}/logs/%j", "cluster.nodes=1", "cluster.time_min=30"]  # fmt: skip
+    assert main(argv) == 0
+    job_id = re.search(r"submitted SLURM job (\d+) ", capsys.readouterr().out).group(1)
+    job = submitit.SlurmJob(folder=f"{tmp_path}/logs/%j", job_id=job_id, tasks=range(2))
+    jsonl = runs / "preempted" / "log.jsonl"
+    deadline = time.monotonic() + 180
+    while not (jsonl.is_file() and len(jsonl.read_text().splitlines()) >= 30):  # inside the training loop
+        assert time.monotonic() < deadline and squeue(job_id).split()[0] in {"PENDING", "RUNNING"}, logs(job)
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
+    start = time.monotonic()
+    # the uninterrupted reference runs meanwhile (2 ranks, the same thread count)
+    ref = subprocess.Popen([sys.executable, "-m", "slurm.cli", "train", *common, "run.name=straight", "--local", "2"],
+                           cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert wait(job, 400) == "COMPLETED", logs(job)
+        print(f"pre-empted job {job_id} completed {time.monotonic() - start:.1f} s after the signal")
+        _, err = ref.communicate(timeout=600)
+    finally:
+        ref.kill()
+    assert ref.returncode == 0, err[-3000:]
+    history = subprocess.run(
+        ["sacct", "-n", "-X", "-D", "-o", "State", "-j", job_id], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert history == ["REQUEUED", "COMPLETED"], history
+    rank0 = Path(job.paths.stdout).read_text() + Path(job.paths.stderr).read_text()
+    stopped = re.search(
+        r"stopped by signal \w+ at step (\d+), checkpoint saved; exit 75 asks to be requeued", rank0
+    )
+    assert stopped, rank0[-3000:]
+    at = int(stopped.group(1))
+    assert 30 <= at < steps and f"resumed preempted at step {at}\n" in rank0
+    assert "this job is preempted" in rank0 and f"Requeued job {job_id} (3 remaining timeouts)" in rank0
+    limited = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    straight = [json.loads(line) for line in (runs / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in limited] == list(range(1, steps + 1))
+    assert [e["loss/total"] for e in limited] == [e["loss/total"] for e in straight]
+    a = load_file(str(runs / "preempted" / "export" / "latest" / "ema.safetensors"))
+    b = load_file(str(runs / "straight" / "export" / "latest" / "ema.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    saved = sorted(p.name for p in (runs / "preempted" / "checkpoints").glob("step-*"))
+    assert saved == [f"step-{at:08d}", f"step-{steps:08d}"]
