@@ -428,24 +428,14 @@ def resume_answer(meta: dict[str, Any], world_size: int, folder: Path) -> tuple[
 
     Same world size: exact (engines, optimizer partitions and per-rank RNG load as saved). Another
     one must divide data.streams and the global batch, and the micro batch must divide the per-rank
-    batch (the rules of trainer.common.topology); the engines are then loaded from DeepSpeed's
+    batch (trainer.config.world_size_problems); the engines are then loaded from DeepSpeed's
     universal format, converted once into `<engine>_universal/`.
     """
+    from trainer.config import world_size_problems
+
     cfg = meta["config"]
     b, v, micro = cfg["data"]["global_batch"], cfg["data"]["streams"], cfg["micro_batch"]
-    why = []
-    if v % world_size:
-        why.append(f"world size {world_size} must divide data.streams={v}")
-    if b % world_size:
-        why.append(f"world size {world_size} must divide data.global_batch={b}")
-    else:
-        local = b // world_size
-        m = micro or local
-        if local % m:
-            why.append(
-                f"micro_batch={m} must divide the per-rank batch {local} (global batch {b} / {world_size})"
-            )
-    if why:
+    if why := world_size_problems(b, v, micro, world_size):
         return False, "no: " + "; ".join(why)
     local = b // world_size
     split = f"{local} samples per rank = micro batch {micro or local} × {local // (micro or local)}"

@@ -265,8 +265,8 @@ def test_complete_checkpoint(run, tmp_path, capsys):
     code, out, _ = inspect(capsys, "checkpoint", run, "--json", "--world-size", 3)
     r = json.loads(out)
     assert code == 1  # a requested world size cannot resume
-    assert r["resume"] == [{"world_size": 3, "ok": False, "text": "no: world size 3 must divide data.streams=4; "
-                            "world size 3 must divide data.global_batch=16"}]  # fmt: skip
+    assert r["resume"] == [{"world_size": 3, "ok": False, "text": "no: world size 3 must divide data.streams=4 (each rank reads streams r, r+W, …): "
+                            "run on a divisor of 4 ranks, or start a new run with another data.streams"}]  # fmt: skip
     sizes = r["sizes"]
     on_disk = {f: f.stat().st_size for f in ck.rglob("*") if f.is_file()}
     assert sizes["total"] == sum(sizes["parts"].values()) == sum(on_disk.values())

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from models.device import compute_dtype, device
-from trainer.config import TrainCommon
+from trainer.config import TrainCommon, world_size_problems
 
 EXIT_REQUEUE = 75
 """Exit status of a run that stopped on a signal after saving: "requeue me" (EX_TEMPFAIL)."""
@@ -65,17 +65,11 @@ class Topology:
 def topology(cfg: TrainCommon) -> Topology:
     """Check the world size against the batch settings and derive the per-rank split."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    b, v = cfg.data.global_batch, cfg.data.streams
-    if v % world:
-        raise ValueError(
-            f"world size {world} must divide data.streams={v} (each rank reads streams r, r+W, …)"
-        )
+    b = cfg.data.global_batch
+    if problems := world_size_problems(b, cfg.data.streams, cfg.micro_batch, world):
+        raise ValueError("; ".join(problems))
     local = b // world
     micro = cfg.micro_batch or local
-    if local % micro:
-        raise ValueError(
-            f"micro_batch={micro} must divide the per-rank batch {local} (global_batch {b} / world size {world})"
-        )
     dev = device()
     return Topology(world, rank, b, micro, local // micro, dev, compute_dtype(cfg.precision, dev))
 

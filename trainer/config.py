@@ -135,6 +135,30 @@ class TrainCommon:
             raise ValueError(f"micro_batch={self.micro_batch} must be 0 (no accumulation) or positive")
 
 
+def world_size_problems(global_batch: int, streams: int, micro_batch: int, world_size: int) -> list[str]:
+    """Why `world_size` ranks cannot train with these batch settings ([] when they can).
+
+    Rank r reads the streams r, r+W, … (DESIGN.md "The stream reader"), so W must divide the stream
+    count; the streams divide the global batch (TrainCommon.validate), so W then divides it too; and the
+    micro batch must divide the per-rank batch (whole accumulation steps). The launcher's preflight, the
+    trainer's topology and `ldit inspect checkpoint` all ask this one function.
+    """
+    if world_size < 1:
+        return [f"world size {world_size} must be positive"]
+    if streams % world_size or global_batch % world_size:
+        return [
+            f"world size {world_size} must divide data.streams={streams} (each rank reads streams r, r+W, …): "
+            f"run on a divisor of {streams} ranks, or start a new run with another data.streams"
+        ]
+    local = global_batch // world_size
+    if micro_batch and local % micro_batch:
+        return [
+            f"micro_batch={micro_batch} must divide the per-rank batch {local} "
+            f"(data.global_batch={global_batch} / world size {world_size})"
+        ]
+    return []
+
+
 @dataclass
 class DiTModelConfig:
     size: str = "XL/1"

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from data_prep.manifest import Kind, Manifest, ShardSetError, check_shards, load_manifest
 from data_prep.reader import without_shards
-from trainer.config import StreamConfig, TrainCommon
+from trainer.config import StreamConfig, TrainCommon, world_size_problems
 
 
 class PreflightError(ValueError):
@@ -36,7 +36,7 @@ def check_train_config(cfg: TrainCommon, world_size: int) -> None:
     Reads only the shard set's manifest.json (and, for a DiT whose `vavae` is set, the VA-VAE export's
     model.json): no shard, weight file or process group is touched.
     """
-    found = _world_problems(cfg, world_size)
+    found = world_size_problems(cfg.data.global_batch, cfg.data.streams, cfg.micro_batch, world_size)
     kind: Kind = "latents" if cfg.kind == "dit" else "images"
     shards = Path(cfg.data.shards)
     manifest = None
@@ -58,24 +58,6 @@ def check_train_config(cfg: TrainCommon, world_size: int) -> None:
             found += _latent_problems(cfg, manifest)
     if found:
         raise PreflightError("\n  ".join([f"{len(found)} problem(s) found before starting:", *found]))
-
-
-def _world_problems(cfg: TrainCommon, world: int) -> list[str]:
-    d = cfg.data
-    if world < 1:
-        return [f"world size {world} must be positive"]
-    if d.streams % world:
-        return [
-            f"world size {world} must divide data.streams={d.streams} (each rank reads streams r, r+W, …): "
-            f"run on a divisor of {d.streams} ranks, or start a new run with another data.streams"
-        ]
-    local = d.global_batch // world  # streams divide the global batch (TrainCommon.validate)
-    if cfg.micro_batch and local % cfg.micro_batch:
-        return [
-            f"micro_batch={cfg.micro_batch} must divide the per-rank batch {local} "
-            f"(data.global_batch={d.global_batch} / world size {world})"
-        ]
-    return []
 
 
 def _latent_problems(cfg: TrainCommon, manifest: Manifest) -> list[str]:
