@@ -20,25 +20,34 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_prep.manifest import ShardSetError
-from eval.job import EvalInputError
-from models.weights import PretrainedWeightsError
 from slurm import inspect as inspect_cmd
 from slurm.config import ConfigError, help_text, to_yaml
 from slurm.jobs import JOBS, Job
-from trainer.common import NonFiniteLoss, StopRequested
-from trainer.preflight import PreflightError, check_train_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-USER_ERRORS = (
-    ConfigError,
-    EvalInputError,
-    ShardSetError,
-    PretrainedWeightsError,
-    NonFiniteLoss,
-    FileNotFoundError,
-)
-"""Errors about the user's input or data, reported as one line instead of a traceback."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors about the user's input or data, reported as one line instead of a traceback.
+
+    Imported here, not at the top: `ldit --help`, `ldit inspect` and every rank's start-up would otherwise
+    pay for torch-fidelity and torchvision (eval.job), which most jobs never use.
+    """
+    from data_prep.manifest import ShardSetError
+    from eval.job import EvalInputError
+    from models.weights import PretrainedWeightsError
+    from trainer.checkpoint import CheckpointWriteError
+    from trainer.common import NonFiniteLoss
+
+    return (
+        ConfigError,
+        EvalInputError,
+        ShardSetError,
+        PretrainedWeightsError,
+        NonFiniteLoss,
+        CheckpointWriteError,
+        FileNotFoundError,
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -123,6 +132,7 @@ def write_run_config(cfg: Any) -> Path:
 def run_here(job: Job, cfg: Any) -> int:
     """Run `job` in this process as one rank of the world its environment describes."""
     from slurm.env import init_distributed, shutdown
+    from trainer.common import StopRequested
 
     timeout = getattr(cfg, "collective_timeout_s", 600.0)
     env = init_distributed(timeout_s=timeout)
@@ -130,7 +140,7 @@ def run_here(job: Job, cfg: Any) -> int:
         if env.rank == 0 and job.name == "train":
             write_run_config(cfg)
         job.function()(cfg)
-    except USER_ERRORS as exc:  # bad input: its message says what to do; a traceback would bury it
+    except user_errors() as exc:  # bad input: its message says what to do; a traceback would bury it
         print(f"ldit {job.name}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except StopRequested as exc:
@@ -239,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    from trainer.preflight import PreflightError, check_train_config
+
     try:
         cfg = job.load(files, overrides)
         if ns.slurm:
