@@ -8,20 +8,25 @@ are slow and the tests compare runs bit for bit.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 Precision = Literal["auto", "bf16", "fp32"]
 
 
 def use_gpus() -> bool:
     """Whether this machine trains on GPUs (else on the CPU, with gloo)."""
+    import torch  # here, not at the top: config schemas name Precision, and `ldit` starts without torch
+
     return torch.cuda.is_available()
 
 
 def device() -> torch.device:
     """This process's device: its pinned GPU, or the CPU."""
+    import torch
+
     if use_gpus():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -29,6 +34,8 @@ def device() -> torch.device:
 
 def compute_dtype(precision: Precision, dev: torch.device | None = None) -> torch.dtype:
     """The dtype training computes in: `auto` is bf16 on GPUs and fp32 on the CPU."""
+    import torch
+
     if precision == "bf16":
         return torch.bfloat16
     if precision == "fp32":

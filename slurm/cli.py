@@ -261,9 +261,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if ns.after is not None:
                 check_job_id(ns.after)
         if job.name == "train":  # issue #11: the world size and the inputs, before any process starts
-            from slurm.env import detect
+            if ns.slurm:
+                world = cluster.nodes * cluster.tasks
+            elif ns.local:
+                world = ns.local
+            else:
+                from slurm.env import detect
 
-            world = cluster.nodes * cluster.tasks if ns.slurm else ns.local or detect().world_size
+                world = detect().world_size
             check_train_config(cfg, world)
     except (ConfigError, PreflightError) as exc:
         print(f"ldit {job.name}: config error: {exc}", file=sys.stderr)

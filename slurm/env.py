@@ -20,13 +20,12 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal
-
-import torch
-import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
+from typing import TYPE_CHECKING, Literal
 
 from models.device import use_gpus
+
+if TYPE_CHECKING:
+    import torch
 
 Launcher = Literal["single", "torchrun", "slurm"]
 
@@ -51,6 +50,8 @@ class DistEnv:
 
         After :func:`init_distributed` it equals :func:`models.device.device`, which jobs use.
         """
+        import torch
+
         return torch.device("cuda", self.local_rank) if use_gpus() else torch.device("cpu")
 
 
@@ -120,6 +121,10 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
     GPUs. `timeout_s` bounds every collective, also on groups created later (DeepSpeed's): a rank that
     dies or hangs makes the others fail, not wait.
     """
+    import torch  # here, not at the top: the launcher (`--local`, `--slurm`) starts its ranks without torch
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
     env = detect()
     os.environ.update(
         RANK=str(env.rank),
@@ -156,6 +161,8 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
 
 def shutdown() -> None:
     """Leave the process group (every rank calls it at the end of a job)."""
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
 

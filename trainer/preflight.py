@@ -19,10 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch.distributed as dist
-
 from data_prep.manifest import Kind, Manifest, ShardSetError, check_shards, load_manifest
-from data_prep.reader import without_shards
 from trainer.config import StreamConfig, TrainCommon, world_size_problems
 
 
@@ -129,6 +126,9 @@ def open_training_shards(data: StreamConfig, kind: Kind) -> Manifest:
     manifest = load_manifest(data.shards, kind)
     if str(data.shards).startswith("pipe:"):  # streamed from elsewhere: nothing local to verify
         return manifest
+    import torch.distributed as dist
+
+    from data_prep.reader import without_shards
     from data_prep.verify import verify_shard
 
     rank, world = dist.get_rank(), dist.get_world_size()
