@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import tarfile
@@ -9,6 +10,7 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
 
 from data_prep.images import center_crop_adm, decode_rgb, inspect_image, random_crop
 from data_prep.manifest import load_manifest
@@ -93,6 +95,25 @@ def test_odd_images_decode_to_rgb(prepared):
         im = decode_rgb(data)
         assert im.mode == "RGB" and im.size == check.size
     assert inspect_image((src / "n01443537/png_in_disguise.JPEG").read_bytes(), "x.JPEG").ext == "png"
+
+
+def test_odd_images_convert_to_the_right_pixels():
+    """Not only RGB of the right size: a CMYK JPEG decodes to the colours it was made from, a greyscale one
+    to R = G = B = its grey levels, a PNG named .JPEG to its exact pixels."""
+    yy, xx = np.mgrid[0:48, 0:64]
+    smooth = np.stack([xx * 4, yy * 5, (xx + yy) * 2], axis=-1).astype(np.uint8)  # JPEG keeps smooth images
+    for mode in ("CMYK", "L"):
+        buf = io.BytesIO()
+        Image.fromarray(smooth).convert(mode).save(buf, format="JPEG", quality=95)
+        got = np.asarray(decode_rgb(buf.getvalue()), dtype=np.int16)
+        if mode == "CMYK":
+            assert np.abs(got - smooth).mean() < 2.0 and np.abs(got - smooth).max() < 24
+        else:
+            grey = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.int16)
+            assert all(np.array_equal(got[..., c], grey) for c in range(3))
+    buf = io.BytesIO()
+    Image.fromarray(smooth).save(buf, format="PNG")
+    assert np.array_equal(np.asarray(decode_rgb(buf.getvalue())), smooth)
 
 
 def ldit(*args: str) -> subprocess.CompletedProcess:
