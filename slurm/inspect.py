@@ -14,8 +14,8 @@ Each sub-command builds a JSON-ready dict (`data_report`, `order_report`, `check
   given rank and world size, with a decoder that reads keys and labels and takes the flip decision
   from `data_prep.reader.flip_mask` (the latent decoder's rule) without decoding any array.
 - `checkpoint` judges completeness with `trainer.checkpoint.problems` and which checkpoint a resume
-  would pick with `trainer.checkpoint.Checkpointer.latest`; the world-size rules are those of
-  `trainer.common.topology`.
+  would pick with `trainer.checkpoint.Checkpointer.latest`; the world-size rule is the trainer's own,
+  `trainer.config.world_size_problems`.
 - `run` is `ldit status`'s text (shared code in `slurm/status.py`).
 
 Exit status: 0 fine; 1 something is wrong (a shard fails verification, the inspected checkpoint is
