@@ -31,7 +31,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 demo: $(STAMP)
-	$(VENV)/bin/ldit demo
+	$(VENV)/bin/ldit demo configs/demo/default.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

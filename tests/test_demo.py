@@ -104,6 +104,18 @@ def test_with_inception_weights_the_demo_adds_fid(demo, tmp_path):
     assert s["dit"] == first["dit"]
 
 
+def test_default_config_file_is_the_schemas_default():
+    """`make demo` runs configs/demo/default.yaml; it spells out the demo's choices, which must be exactly
+    the DemoConfig defaults (so `ldit demo` with no file runs the same demo)."""
+    from dataclasses import asdict
+
+    from slurm.jobs import JOBS, DemoConfig
+
+    assert asdict(JOBS["demo"].load([str(ROOT / "configs" / "demo" / "default.yaml")], [])) == asdict(
+        DemoConfig()
+    )
+
+
 def test_config_rules_fail_at_start_up():
     with pytest.raises(ConfigError, match="dit.vavae is set by the demo"):
         load_config(DemoConfig, [], ["dit.vavae=x"])
