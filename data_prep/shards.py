@@ -136,6 +136,14 @@ def tar_members(data: bytes | mmap.mmap, where: str) -> Iterator[tuple[str, memo
         yield name, body
 
 
+def member_key(path: str) -> tuple[str, str] | None:
+    """(sample key, extension) of a tar member, as webdataset groups them: the key is the path up to the
+    first dot of the file name, the extension the rest, lower-cased. None when the name has no dot."""
+    slash = path.rfind("/") + 1
+    dot = path.find(".", slash)
+    return None if dot < 0 else (path[:dot], path[dot + 1 :].lower())
+
+
 def read_shard(url: str, expected_count: int | None = None) -> list[dict[str, bytes]]:
     """All samples of a shard, in file order, as {"__key__": key, ext: contents}.
 
@@ -152,11 +160,10 @@ def read_shard(url: str, expected_count: int | None = None) -> list[dict[str, by
     samples: list[dict] = []
     current: dict | None = None
     for path, body in tar_members(data, url):
-        slash = path.rfind("/") + 1
-        dot = path.find(".", slash)
-        if dot < 0:
+        split = member_key(path)
+        if split is None:
             raise ShardSetError(f"shard {url}: member {path} has no extension")
-        key, ext = path[:dot], path[dot + 1 :].lower()
+        key, ext = split
         if ext not in MEMBER_EXTENSIONS:
             raise ShardSetError(
                 f"shard {url}: sample {key} has member(s) {[ext]}; the reader only decodes "

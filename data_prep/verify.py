@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from data_prep.manifest import ShardInfo, ShardSetError, check_shards
-from data_prep.shards import MEMBER_EXTENSIONS, tar_members
+from data_prep.shards import MEMBER_EXTENSIONS, member_key, tar_members
 
 
 def _count_samples(data: bytes | mmap.mmap, where: str) -> tuple[int, list[str]]:
@@ -37,15 +37,14 @@ def _count_samples(data: bytes | mmap.mmap, where: str) -> tuple[int, list[str]]
     count, bad, key = 0, [], None
     try:
         for member, _ in tar_members(data, where):
-            slash = member.rfind("/") + 1
-            dot = member.find(".", slash)
-            if dot < 0:
+            split = member_key(member)
+            if split is None:
                 bad.append(f"member {member} has no extension")
                 continue
-            if member[dot + 1 :].lower() not in MEMBER_EXTENSIONS:
+            if split[1] not in MEMBER_EXTENSIONS:
                 bad.append(f"member {member} is not part of the shard format (the reader refuses it)")
-            if member[:dot] != key:  # a new sample starts where the key changes (read_shard's rule)
-                key, count = member[:dot], count + 1
+            if split[0] != key:  # a new sample starts where the key changes (read_shard's rule)
+                key, count = split[0], count + 1
     except ShardSetError as exc:
         bad.append(str(exc).removeprefix(f"shard {where}: "))
     return count, bad
