@@ -174,7 +174,8 @@ def test_bf16_trains_with_fp32_ema(latents, tmp_path):
     assert module["blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
 
 
-def test_sigterm_to_one_rank_saves_and_asks_for_requeue(latents, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_sigterm_to_one_rank_saves_and_asks_for_requeue(latents, tmp_path, sig):
     cmd = [sys.executable, "-m", "slurm.cli", "train", CONFIG, f"data.shards={latents}", f"run.root={tmp_path}",
            "run.name=sig", "log.every=1", "steps=100000", "ckpt.every=100000", "--local", "2"]  # fmt: skip
     parent = subprocess.Popen(
@@ -186,7 +187,7 @@ def test_sigterm_to_one_rank_saves_and_asks_for_requeue(latents, tmp_path):
         time.sleep(0.2)
     ranks = psutil.Process(parent.pid).children()
     assert len(ranks) == 2
-    os.kill(ranks[1].pid, signal.SIGTERM)
+    os.kill(ranks[1].pid, sig)
     out, err = parent.communicate(timeout=120)
     assert parent.returncode == 75, err[-3000:]
     assert "asks to be requeued" in err
