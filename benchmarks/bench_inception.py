@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.utils import get_featuresdict_from_dataset
 
-from eval.inception import InceptionFeatures, extract_features, random_weights
+from eval.inception import InceptionFeatures, extract_features, random_weights, torch_fidelity_extractor
 from models.device import device as current_device
 
 
@@ -74,9 +73,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(args.weights) if args.weights else random_weights(Path(tmp) / "inception.pth")
         ours = InceptionFeatures(weights, allow_download=False, device=dev)
-        theirs = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights)
-        ).to(dev)  # torch-fidelity's own module, without our hook
+        # torch-fidelity's own module, without our hook, holding the same tensors (read without unpickling)
+        theirs = torch_fidelity_extractor(ours.net.state_dict(), str(weights)).to(dev)
         cuda = dev.type == "cuda"
         warm = images[: args.batch]
         ours(warm)

@@ -16,16 +16,26 @@ One forward gives three features per uint8 image (B, 3, H, W):
   We flatten in TF's NHWC order, (h, w, c), so our ``mu_s``/``sigma_s`` index like those of
   ``VIRTUAL_imagenet256_labeled.npz``.
 
-Weights (DESIGN.md "Weights the project cannot ship"): the ``inception_weights`` config key takes a local file;
-otherwise torch-fidelity downloads it (or finds it in ``$TORCH_HOME/hub/checkpoints/``); offline with neither,
+Weights (DESIGN.md "Weights the project cannot ship"): the ``inception_weights`` config key takes a local file
+(a plain torch state_dict, as torch-fidelity publishes it, or ``.safetensors``); otherwise torch-fidelity's file is
+downloaded to, or found in, ``$TORCH_HOME/hub/checkpoints/``; offline with neither,
 :class:`models.weights.PretrainedWeightsError` names the network, the file, the key and how to fetch it
 (``python -m eval.inception OUT`` on an online machine). Nothing is fetched at import time.
+
+Untrusted files: torch-fidelity's constructor reads ``feature_extractor_weights_path`` with
+``torch.load(weights_only=False)``, and its download with torch.hub's ``load_state_dict_from_url``, which also
+unpickles fully; either runs any code a pickle holds. So we never give torch-fidelity a file: we read it with
+:func:`models.weights.read_state_dict` (``weights_only=True`` or safetensors; a file that needs more is refused
+with a :class:`~models.weights.PretrainedWeightsError`), check that it holds only tensors, and hand
+torch-fidelity an in-memory ``torch.save`` of those tensors, which its constructor loads with ``strict=True``.
+The only pickle torch-fidelity unpickles is the one we have just written from plain tensors.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+import io
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from unittest import mock
@@ -35,7 +45,14 @@ from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
 from models.device import device as current_device
-from models.weights import WeightsSpec, load_pretrained
+from models.weights import (
+    PretrainedWeightsError,
+    WeightsSpec,
+    hub_state_dict,
+    load_pretrained,
+    read_state_dict,
+    save_state_dict,
+)
 
 INCEPTION_NAME = "inception-v3-compat"
 """torch-fidelity's registry name of the FID Inception."""
@@ -50,29 +67,63 @@ INCEPTION_SPEC = WeightsSpec(
     network=f"FID Inception-v3 (torch-fidelity {INCEPTION_NAME}, TF inception-2015-12-05)",
     config_key="inception_weights",
     expected_file=(
-        f"{WEIGHTS_FILE} (about 95 MB, from {URL_INCEPTION_V3}; torch-fidelity also finds it without this key "
-        "in $TORCH_HOME/hub/checkpoints/)"
+        f"{WEIGHTS_FILE} (about 95 MB, from {URL_INCEPTION_V3}; without this key it is also found in "
+        "$TORCH_HOME/hub/checkpoints/, torch-fidelity's download cache)"
     ),
     export_command=f"python -m eval.inception {WEIGHTS_FILE}",
 )
 
 
-def _build(weights_path: str | None) -> FeatureExtractorInceptionV3:
-    """torch-fidelity's extractor with pool and unbiased logits; it downloads when ``weights_path`` is None."""
-    return FeatureExtractorInceptionV3(
-        INCEPTION_NAME,
-        ["2048", "logits_unbiased"],
-        feature_extractor_weights_path=weights_path,
-        verbose=False,
-    )
+def torch_fidelity_extractor(
+    state_dict: Mapping[str, torch.Tensor], source: str
+) -> FeatureExtractorInceptionV3:
+    """torch-fidelity's extractor (pool and unbiased logits) holding ``state_dict``, loaded strictly.
+
+    ``state_dict`` comes from :func:`models.weights.read_state_dict`; ``source`` (its file) names it in errors.
+    torch-fidelity always loads weights in its constructor, from a path or file object with
+    ``torch.load(weights_only=False)``: we give it a buffer holding ``torch.save`` of these tensors.
+    """
+    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise PretrainedWeightsError(
+            f"{INCEPTION_SPEC.network}: {source} holds non-tensor entries {not_tensors[:5]}; expected "
+            f"{INCEPTION_SPEC.expected_file}"
+        )
+    buffer = io.BytesIO()
+    torch.save(dict(state_dict), buffer)
+    buffer.seek(0)
+    try:
+        return FeatureExtractorInceptionV3(
+            INCEPTION_NAME,
+            ["2048", "logits_unbiased"],
+            feature_extractor_weights_path=buffer,  # torch.load takes a file object; only our tensors are in it
+            verbose=False,
+        )
+    except RuntimeError as err:
+        if "Error(s) in loading state_dict" not in str(err):  # strict: missing, unexpected, mis-shaped keys
+            raise
+        raise PretrainedWeightsError(
+            f"{INCEPTION_SPEC.network}: {source} is not torch-fidelity's {INCEPTION_NAME} state_dict ({err}). "
+            f"Expected {INCEPTION_SPEC.expected_file}; `{INCEPTION_SPEC.export_command}` writes it."
+        ) from err
+
+
+def _load_file(path: Path) -> FeatureExtractorInceptionV3:
+    return torch_fidelity_extractor(read_state_dict(path), str(path))
+
+
+def _download() -> FeatureExtractorInceptionV3:
+    """torch-fidelity's file, downloaded to (or found in) its torch-hub cache, $TORCH_HOME/hub/checkpoints/."""
+    state_dict = hub_state_dict(URL_INCEPTION_V3)
+    return torch_fidelity_extractor(state_dict, str(Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE))
 
 
 class InceptionFeatures(nn.Module):
     """Frozen FID Inception returning ``{"pool", "logits_unbiased", "spatial"}`` float32 features per image.
 
     Args:
-        weights: local weights file (config key ``inception_weights``); empty/None lets torch-fidelity
-            download (or use its torch-hub cache).
+        weights: local weights file (config key ``inception_weights``), a plain state_dict ``.pth`` or
+            ``.safetensors``; empty/None downloads torch-fidelity's file (or uses the torch-hub cache).
         allow_download: False makes a missing file an error without trying the network.
         device: where to run; the current device (``models.device.device()``) by default.
         config_key: the key named in error messages (e.g. ``eval.inception_weights``).
@@ -89,8 +140,8 @@ class InceptionFeatures(nn.Module):
         self.net = load_pretrained(
             replace(INCEPTION_SPEC, config_key=config_key),
             weights,
-            lambda p: _build(str(p)),
-            lambda: _build(None),
+            _load_file,
+            _download,
             allow_download,
         )
         self._spatial: torch.Tensor | None = None
@@ -148,6 +199,9 @@ def extract_features(
 def random_weights(path: str | Path, seed: int = 0) -> Path:
     """Write an ``inception-v3-compat`` state_dict with random weights (tests and benchmarks; no download).
 
+    The file is ``.safetensors`` when ``path`` ends so, else a plain ``torch.save`` of the tensors; both are
+    what ``inception_weights`` accepts (and torch-fidelity's own ``feature_extractor_weights_path``, the .pth).
+
     Convolutions get He-normal weights and batch-norms random affine parameters and running statistics,
     so activations keep an O(1) scale through the 90-odd layers and the features are not degenerate.
     """
@@ -170,24 +224,34 @@ def random_weights(path: str | Path, seed: int = 0) -> Path:
     # A large fc scale: random pool features differ little between images, and a flat softmax gives IS ≈ 1.
     net.fc.weight.copy_(2.0 * torch.randn(net.fc.weight.shape, generator=gen))
     net.fc.bias.copy_(0.1 * torch.randn(net.fc.bias.shape, generator=gen))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), path)
-    return path
+    return save_state_dict(net.state_dict(), path)  # .safetensors by suffix, else a plain tensor dict
 
 
 def download_weights(out: str | Path) -> Path:
-    """Download torch-fidelity's Inception weights to ``out`` (needs internet access)."""
+    """Download torch-fidelity's Inception weights to ``out`` (needs internet access) and check them.
+
+    The check is what ``inception_weights`` will do: read without full unpickling and load strictly into the
+    network; a file that fails it is deleted. ``out`` ending in ``.safetensors`` gets the tensors as
+    safetensors; any other name gets the released file byte for byte.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.hub.download_url_to_file(URL_INCEPTION_V3, str(out), progress=True)
-    return out
+    part = out.with_name(out.name + ".part")
+    torch.hub.download_url_to_file(URL_INCEPTION_V3, str(part), progress=True)
+    try:
+        state_dict = read_state_dict(part)  # not .safetensors: torch.load(weights_only=True)
+        torch_fidelity_extractor(state_dict, URL_INCEPTION_V3)
+        if out.suffix == ".safetensors":
+            return save_state_dict(state_dict, out)
+        return part.replace(out)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: ``python -m eval.inception OUT`` writes the weights file ``inception_weights`` expects."""
     parser = argparse.ArgumentParser(description="Download the FID Inception weights for offline machines.")
-    parser.add_argument("out", help=f"output file, e.g. {WEIGHTS_FILE}")
+    parser.add_argument("out", help=f"output file, e.g. {WEIGHTS_FILE} (or a .safetensors name)")
     print(download_weights(parser.parse_args(argv).out))
 
 

@@ -121,9 +121,9 @@ def reference_dit_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     not strip prefixes (STYLE.md 8), so a file without `ema` must hold the plain keys.
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
-        return read_state_dict(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = read_state_dict(
+        path
+    )  # safetensors, or a pickle of plain tensors (a file that runs code is refused)
     if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
         return dict(obj["ema"])
     if isinstance(obj, dict) and "x_embedder.proj.weight" in obj:

@@ -8,6 +8,14 @@ applies the model's mean/std to (x + 1) / 2 instead.
 
 Without a local file, timm downloads from the Hugging Face hub. On an offline node the hub client retries
 for about a minute before failing unless ``HF_HUB_OFFLINE=1`` is set; giving the file avoids both.
+
+A local file is read by :func:`models.weights.read_state_dict` (safetensors, or ``torch.load(weights_only=True)``;
+a file that needs full unpickling is refused) and handed to timm as a state_dict
+(``pretrained_cfg_overlay={"state_dict": ...}``), never as a path: how timm loads a file is its own choice
+(1.0.31: ``weights_only=True``, with ``argparse.Namespace`` allowed; older versions unpickled fully), and its
+refusal message advises ``weights_only=False``. timm still applies its ``checkpoint_filter_fn`` (Meta's raw
+DINOv2 checkpoints are converted, the position embedding resampled). The hub download stays timm's
+(safetensors when the repository has them, else ``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.weights import WeightsSpec, load_pretrained
+from models.weights import WeightsSpec, load_pretrained, read_state_dict
 
 DEFAULT_TIMM_NAMES: dict[str, str] = {
     "dinov2": "vit_large_patch14_dinov2.lvd142m",
@@ -79,7 +87,10 @@ class FoundationModel(nn.Module):
                 spec,
                 weights,
                 lambda p: timm.create_model(
-                    name, pretrained=True, pretrained_cfg_overlay={"file": str(p)}, dynamic_img_size=True
+                    name,
+                    pretrained=True,
+                    pretrained_cfg_overlay={"state_dict": read_state_dict(p)},
+                    dynamic_img_size=True,
                 ),
                 lambda: timm.create_model(name, pretrained=True, dynamic_img_size=True),
                 allow_download,

@@ -5,7 +5,8 @@ through torchvision with no way to pass a local file, (b) we need the taming key
 (``scaling_layer.*``, ``net.slice{1..5}.*``, ``lin{0..4}.model.1.weight``) so the reference training
 checkpoint's ``loss.perceptual_loss.*`` loads, and (c) we want a named offline error. The ``lpips``
 package is used only as a file source for the heads: its ``weights/v0.1/vgg.pth`` is byte-identical to
-taming's ``vgg.pth``.
+taming's ``vgg.pth``. Every weights file, given or found in torchvision's torch-hub cache, is read by
+:func:`models.weights.read_state_dict` (a file that needs full unpickling is refused).
 
 LPIPS(x, y) = Σ_l mean_{h,w} w_l · (n(φ_l(x)) − n(φ_l(y)))², with φ_l the VGG16 relu1_2, relu2_2,
 relu3_3, relu4_3, relu5_3 features of the scaled input, n(·) the unit-normalisation over channels and
@@ -20,7 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.weights import WeightsSpec, load_pretrained, lpips_package_heads_file, read_state_dict
+from models.weights import (
+    WeightsSpec,
+    hub_state_dict,
+    load_pretrained,
+    lpips_package_heads_file,
+    read_state_dict,
+)
 
 VGG_SPEC = WeightsSpec(
     network="LPIPS VGG16 trunk (torchvision vgg16 IMAGENET1K_V1)",
@@ -183,6 +190,10 @@ class LPIPS(nn.Module):
 
 
 def _download_vgg16() -> dict[str, torch.Tensor]:
+    """torchvision's VGG16 file, downloaded to (or found in) its torch-hub cache and read weights_only.
+
+    Not ``VGG16_Weights.get_state_dict()``: that unpickles the cached file fully (``weights_only=False``).
+    """
     from torchvision.models import VGG16_Weights
 
-    return VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    return hub_state_dict(VGG16_Weights.IMAGENET1K_V1.url)

@@ -1,6 +1,7 @@
 """The FID Inception: our features and metrics equal torch-fidelity's own ``calculate_metrics`` on the same
-image folders and the same (random-weight) Inception file; the sFID layer's shape and order; named errors
-when the weights are neither given nor downloadable.
+image folders and the same (random-weight) Inception file; the sFID layer recomputed by hand; weights files
+in both formats and from the torch-hub cache; named errors when the weights are wrong, neither given nor
+downloadable.
 
 Every test runs with the network cut (sockets refuse, the torch hub cache is an empty temporary folder).
 """
@@ -13,14 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torch_fidelity
 import torch_fidelity.metrics
 from PIL import Image
+from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
 from eval.inception import FEATURE_DIMS, WEIGHTS_FILE, InceptionFeatures, extract_features, random_weights
 from eval.metrics import FeatureStats, frechet_distance, inception_score, mean_cov, precision_recall
-from models.weights import PretrainedWeightsError
+from models.weights import PretrainedWeightsError, read_state_dict, save_state_dict
 
+TF_BATCHNORM_EPS = 1e-3
+"""variance_epsilon of the TF Inception graph's batch-norms (torch-fidelity's BasicConv2d: eps=0.001)."""
 N_IMAGES = 30  # per folder; ~9 images/s on 2 idle CPU cores
 BATCH = 15
 
@@ -159,20 +164,75 @@ def test_features_and_metrics_equal_torch_fidelity(
     assert frechet_distance(*stats[0].mean_cov(), *stats[1].mean_cov()) == pytest.approx(fid, rel=1e-9)
 
 
-def test_spatial_features_are_mixed_6d_branch1x1_first_7_channels_in_nhwc_order(
-    net: InceptionFeatures,
-) -> None:
-    images = torch.from_numpy(_images(3, 5, 0.0)).permute(0, 3, 1, 2).contiguous()
-    grabbed: list[torch.Tensor] = []
-    handle = net.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, a, out: grabbed.append(out.clone()))
-    try:
-        spatial = net(images)["spatial"]
-    finally:
-        handle.remove()
-    (fmap,) = grabbed
-    assert fmap.shape == (3, 192, 17, 17)  # TF mixed_6/conv: 192 channels at 17×17
-    assert (fmap >= 0).all()  # after the block's ReLU, as the TF op
-    torch.testing.assert_close(spatial.view(3, 17, 17, 7), fmap[:, :7].permute(0, 2, 3, 1), rtol=0, atol=0)
+def _conv_bn_relu(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A 1×1 BasicConv2d by hand: conv2d without bias, batch-norm with the running statistics and TF's
+    ε = 0.001, ReLU (TF: ``mixed_6/conv`` = Conv2D → BatchNorm → Relu)."""
+    y = F.conv2d(x, block.conv.weight)  # (B, 192, 17, 17); 1×1, stride 1, no padding
+    bn = block.bn
+    scale = bn.weight / torch.sqrt(bn.running_var + TF_BATCHNORM_EPS)
+    return torch.relu((y - bn.running_mean[:, None, None]) * scale[:, None, None] + bn.bias[:, None, None])
+
+
+def test_spatial_features_are_tf_mixed_6_conv_computed_by_hand(net: InceptionFeatures) -> None:
+    """The sFID features, computed without the hook: torch-fidelity's TF1 bilinear resize to 299 and
+    (x − 128)/128, its stem and blocks up to Mixed_6c (Mixed_6d's input), then TF ``mixed_6/conv`` by hand
+    (:func:`_conv_bn_relu` with ``Mixed_6d.branch1x1``'s weights). The ADM suite keeps channels 0–6 of the
+    NHWC tensor and flattens it, so for image b, row h, column w (each < 17) and channel c < 7:
+
+        spatial[b, (h·17 + w)·7 + c] = mixed_6/conv[b, h, w, c] = fmap[b, c, h, w]  (fmap is NCHW).
+
+    The neighbouring taps (Mixed_6c/Mixed_6e ``branch1x1``) and the NCHW flatten order are shown to differ,
+    so the comparison would catch either mistake.
+    """
+    inc = net.net
+    assert {m.eps for m in inc.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {TF_BATCHNORM_EPS}
+    images = torch.from_numpy(_images(2, 5, 0.0)).permute(0, 3, 1, 2).contiguous()  # (2, 3, 32, 32) uint8
+    with torch.no_grad():
+        x = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
+        x = (x - 128) / 128
+        block_in = {}
+        for name in (
+            *(
+                "Conv2d_1a_3x3",
+                "Conv2d_2a_3x3",
+                "Conv2d_2b_3x3",
+                "MaxPool_1",
+                "Conv2d_3b_1x1",
+                "Conv2d_4a_3x3",
+            ),
+            *(
+                "MaxPool_2",
+                "Mixed_5b",
+                "Mixed_5c",
+                "Mixed_5d",
+                "Mixed_6a",
+                "Mixed_6b",
+                "Mixed_6c",
+                "Mixed_6d",
+            ),
+        ):
+            block_in[name] = x
+            x = getattr(inc, name)(x)
+        assert block_in["Mixed_6d"].shape == (2, 768, 17, 17)
+        fmap = _conv_bn_relu(inc.Mixed_6d.branch1x1, block_in["Mixed_6d"])  # (2, 192, 17, 17)
+        neighbours = [
+            _conv_bn_relu(inc.Mixed_6c.branch1x1, block_in["Mixed_6c"]),
+            _conv_bn_relu(inc.Mixed_6e.branch1x1, x),  # x: Mixed_6d's output = Mixed_6e's input
+        ]
+    expected = torch.empty(2, FEATURE_DIMS["spatial"])
+    for b in range(2):
+        for h in range(17):
+            for w in range(17):
+                for c in range(7):
+                    expected[b, (h * 17 + w) * 7 + c] = fmap[b, c, h, w]
+
+    spatial = net(images)["spatial"]
+    assert spatial.shape == (2, 2023) and spatial.dtype == torch.float32
+    assert fmap.std() > 0.1 and (fmap > 0).float().mean() > 0.2  # live, not a dead ReLU
+    torch.testing.assert_close(spatial, expected, rtol=1e-5, atol=1e-5)
+    nchw = fmap[:, :7].reshape(2, -1)
+    for wrong in (nchw, *(n[:, :7].permute(0, 2, 3, 1).reshape(2, -1) for n in neighbours)):
+        assert (wrong - expected).abs().max() > 0.1
 
 
 def test_batching_changes_features_only_at_float32_round_off(net: InceptionFeatures) -> None:
@@ -210,3 +270,61 @@ def test_missing_weights_file_and_disabled_download_are_named_errors(tmp_path: P
         InceptionFeatures(missing, config_key="eval.inception_weights", device=torch.device("cpu"))
     with pytest.raises(PretrainedWeightsError, match=r"downloads are disabled.*`inception_weights`"):
         InceptionFeatures(None, allow_download=False, device=torch.device("cpu"))
+
+
+def test_weights_as_safetensors_and_from_the_torch_hub_cache(net: InceptionFeatures, tmp_path: Path) -> None:
+    """``random_weights`` writes .safetensors by suffix; that file, and the .pth placed in torch-fidelity's
+    download cache ($TORCH_HOME/hub/checkpoints/) with no key set and the network cut, give the same weights."""
+    expected = net.state_dict()
+    safe = random_weights(tmp_path / "inception.safetensors", seed=0)
+    assert safe.read_bytes()[8:9] == b"{"  # a safetensors header (8-byte length, then JSON), not a pickle
+    from_safe = InceptionFeatures(safe, allow_download=False, device=torch.device("cpu")).state_dict()
+    cached = random_weights(Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE, seed=0)
+    assert str(cached).startswith(str(tmp_path / "torch"))  # the fixture's empty TORCH_HOME
+    from_cache = InceptionFeatures(None, device=torch.device("cpu")).state_dict()
+    for key, value in expected.items():
+        assert torch.equal(from_safe[key], value) and torch.equal(from_cache[key], value), key
+
+
+def test_weights_of_another_network_are_a_named_error(weights: Path, tmp_path: Path) -> None:
+    """Strict load: a state_dict with a missing key is refused, naming the file, the key and the command."""
+    state_dict = read_state_dict(weights)
+    del state_dict["fc.bias"]
+    wrong = save_state_dict(state_dict, tmp_path / "wrong.safetensors")
+    with pytest.raises(PretrainedWeightsError) as err:
+        InceptionFeatures(wrong, device=torch.device("cpu"))
+    msg = str(err.value)
+    assert f"{wrong} is not torch-fidelity's inception-v3-compat state_dict" in msg
+    assert 'Missing key(s) in state_dict: "fc.bias"' in msg
+    assert f"`python -m eval.inception {WEIGHTS_FILE}` writes it" in msg
+
+
+def test_download_command_checks_the_file_before_keeping_it(
+    weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m eval.inception OUT`` (the download stood in for by a copy of ``served``): a good file is kept
+    byte for byte, or as safetensors; a file that needs unpickling is refused and nothing is left behind."""
+    import shutil
+
+    from eval.inception import main
+
+    served = weights
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, **kw: shutil.copy(served, dst))
+    main([str(tmp_path / "a" / WEIGHTS_FILE)])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "a" / WEIGHTS_FILE)
+    assert (tmp_path / "a" / WEIGHTS_FILE).read_bytes() == weights.read_bytes()
+    main([str(tmp_path / "b" / "inception.safetensors")])
+    safe = read_state_dict(tmp_path / "b" / "inception.safetensors")
+    assert all(torch.equal(v, safe[k]) for k, v in read_state_dict(weights).items())
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return eval, (f"open({str(tmp_path / 'ran')!r}, 'w')",)
+
+    served = tmp_path / "evil.pth"
+    torch.save({**read_state_dict(weights), "fc.bias": Payload()}, served)
+    with pytest.raises(
+        ValueError, match=r"weights-inception-2015-12-05-6726825d\.pth\.part is not a plain tensor"
+    ):
+        main([str(tmp_path / "c" / WEIGHTS_FILE)])
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [] and not (tmp_path / "ran").exists()

@@ -6,6 +6,7 @@ torch hub cache is an empty temporary folder), so nothing can be fetched even by
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -198,3 +199,136 @@ def test_nothing_is_fetched_at_import() -> None:
         "import models.vavae_losses\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---- Files a user hands us, and the files our libraries would load on our behalf, are never unpickled ----
+
+
+class _Payload:
+    """Pickles as a call of ``eval``: what a malicious ``.pth`` holds. Unpickling it appends to ``marker`` and
+    then yields a zero tensor of ``shape``, so a loader that unpickles fully gets a complete state_dict and
+    reports nothing, as a real attack would."""
+
+    def __init__(self, marker: Path, shape: tuple[int, ...]) -> None:
+        self.marker, self.shape = marker, shape
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        code = f"[open({str(self.marker)!r}, 'a').write('ran'), __import__('torch').zeros({self.shape!r})][1]"
+        return eval, (code,)
+
+
+def _poisoned(sd: dict[str, torch.Tensor], marker: Path, out: Path) -> Path:
+    """``sd`` written with torch.save to ``out``, its first floating-point tensor replaced by a payload."""
+    key = next(k for k, v in sd.items() if v.is_floating_point())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**sd, key: _Payload(marker, tuple(sd[key].shape))}, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def inception_sd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    from eval.inception import random_weights
+
+    return read_state_dict(random_weights(tmp_path_factory.mktemp("w") / "inception.pth"))
+
+
+def _hub_cache(name: str) -> Path:
+    """Where torch.hub's load_state_dict_from_url keeps (and finds) ``name``: $TORCH_HOME/hub/checkpoints."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+# Each case: (what the user sets, which network names the error, the export command the error gives).
+UNTRUSTED = {
+    "inception_weights": ("`eval.inception_weights`", "FID Inception-v3", "python -m eval.inception"),
+    "inception_hub_cache": ("`eval.inception_weights`", "FID Inception-v3", "python -m eval.inception"),
+    "foundation_weights": (
+        "`loss.foundation_weights`",
+        "dinov2 foundation model",
+        "python -m models.weights",
+    ),
+    "vgg16_weights": ("`loss.vgg16_weights`", "LPIPS VGG16 trunk", "python -m models.weights vgg16"),
+    "vgg16_hub_cache": ("`loss.vgg16_weights`", "LPIPS VGG16 trunk", "python -m models.weights vgg16"),
+    "lpips_weights": ("`loss.lpips_weights`", "LPIPS linear heads", "python -m models.weights lpips_heads"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNTRUSTED))
+def test_a_weights_file_that_needs_unpickling_is_refused_and_never_runs(
+    case: str,
+    tmp_path: Path,
+    inception_sd: dict[str, torch.Tensor],
+    vgg_file: Path,
+    heads_file: Path,
+) -> None:
+    """Every weights file a user can hand us (a config key, or the torch-hub cache the libraries read when no
+    key is set) holding a pickle that runs code: refused with a PretrainedWeightsError naming the file, the
+    key and the export command; the payload never ran (no marker file); torch's advice to unpickle it anyway
+    (``weights_only=False``) is not passed on."""
+    from eval.inception import WEIGHTS_FILE, InceptionFeatures
+
+    cpu = torch.device("cpu")
+    marker = tmp_path / "payload-ran"
+    vgg_name = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]  # vgg16-397923af.pth
+    if case.startswith("inception"):
+        sd = inception_sd
+        bad = tmp_path / WEIGHTS_FILE if case == "inception_weights" else _hub_cache(WEIGHTS_FILE)
+        given = bad if case == "inception_weights" else None
+        build = lambda: InceptionFeatures(given, config_key="eval.inception_weights", device=cpu)  # noqa: E731
+    elif case == "foundation_weights":
+        sd = FoundationModel(timm_name=SMALL_DINO, pretrained=False).model.state_dict()
+        bad = tmp_path / "dino.pth"
+        build = lambda: FoundationModel(  # noqa: E731
+            timm_name=SMALL_DINO, weights=bad, config_key="loss.foundation_weights"
+        )
+    elif case.startswith("vgg16"):
+        sd = read_state_dict(vgg_file)
+        bad = tmp_path / "vgg16.pth" if case == "vgg16_weights" else _hub_cache(vgg_name)
+        given = bad if case == "vgg16_weights" else None
+        build = lambda: LPIPS(given, heads_file, vgg_config_key="loss.vgg16_weights")  # noqa: E731
+    else:
+        sd = read_state_dict(heads_file)
+        bad = tmp_path / "heads.pth"
+        build = lambda: LPIPS(vgg_file, bad, heads_config_key="loss.lpips_weights")  # noqa: E731
+    _poisoned(sd, marker, bad)
+    key, network, command = UNTRUSTED[case]
+
+    try:
+        build()
+    except PretrainedWeightsError as refused:
+        msg = str(refused)
+    else:
+        msg = ""
+    assert not marker.exists(), f"the pickle's code ran: {bad} was unpickled"
+    assert msg, "no PretrainedWeightsError"
+    assert msg.startswith(network), msg
+    assert f"{bad} is not a plain tensor file: its pickle calls eval" in msg
+    assert "so ldit does not load it" in msg
+    assert key in msg and command in msg
+    assert "weights_only=False" not in msg
+    if case.endswith("hub_cache"):
+        assert "the library's cached download was refused" in msg and "Delete that file" in msg
+    else:
+        assert f"the weights file set by {key} was refused" in msg
+
+    # To a loader that unpickles fully, the same file is a complete state_dict and the payload runs.
+    assert set(torch.load(bad, weights_only=False)) == set(sd)
+    assert marker.read_text() == "ran"
+
+
+def test_reference_checkpoint_files_that_need_unpickling_are_refused(tmp_path: Path) -> None:
+    """The other files a user hands us, reference checkpoints for ``init_from`` and the eval/extract jobs
+    (models/export.py), are read weights_only too: refused, and the payload never ran."""
+    import pickle
+
+    from models.export import load_lightningdit, load_vavae
+
+    marker = tmp_path / "payload-ran"
+    vavae = _poisoned({"encoder.conv_in.weight": torch.zeros(128, 3, 3, 3)}, marker, tmp_path / "vavae.pt")
+    with pytest.raises(
+        ValueError, match=re.escape(f"{vavae} is not a plain tensor file: its pickle calls eval")
+    ):
+        load_vavae(vavae)
+    dit = _poisoned({"x_embedder.proj.weight": torch.zeros(8, 32, 1, 1)}, marker, tmp_path / "dit.pt")
+    with pytest.raises((ValueError, pickle.UnpicklingError), match="calls eval|GLOBAL eval"):
+        load_lightningdit(dit)
+    assert not marker.exists(), "the pickle's code ran"
