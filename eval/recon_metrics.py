@@ -7,14 +7,22 @@ reference (our ``models.lpips.LPIPS``, [-1, 1] inputs). rFID uses the same Incep
 generation (``eval/inception.py``, ``eval/metrics.py``).
 
 SSIM is written here (torchmetrics is not a dependency of the project, and pulling it in for one
-40-line function is not worth it); it reproduces torchmetrics' default SSIM: an 11×11 Gaussian window
-with σ = 1.5 (size int(3.5σ + 0.5)·2 + 1), K1 = 0.01, K2 = 0.03, inputs clamped to ``data_range``, the
-SSIM map kept only where the window lies inside the image (torchmetrics reflect-pads by 5 and crops 5,
-which is the same), averaged over channels and pixels per image (Wang et al. 2004, eq. 13).
+40-line function is not worth it). It is torchmetrics' default SSIM (Wang et al. 2004, eq. 13): an 11×11
+Gaussian window with σ = 1.5 (size int(3.5σ + 0.5)·2 + 1), K1 = 0.01, K2 = 0.03, inputs clamped to
+``data_range``, population (not sample) variances, the map averaged over channels and pixels per image.
+torchmetrics changed how it treats the image border in 1.4.0 (read from the 1.3.0 and 1.4.2 wheels):
+1.4 and later (1.9.0 included) reflect-pad the images by 5 (``F.pad(mode="reflect")``) and average the
+whole H×W map; 1.3 and earlier, like scikit-image, keep the map only where the window lies inside the
+image. ``border="reflect"``, the default, is the former: the reference's requirements leave torchmetrics
+unpinned and its code dates from late 2024, after 1.4.0. ``border="valid"`` is the latter, and equals
+``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+data_range=2)`` (tests/test_metrics.py). On 256² photographs the two differ by about 0.01.
 Every function returns one value per image, (B,) float64; the caller averages across images and ranks.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,13 +68,21 @@ def ssim(
     sigma: float = 1.5,
     k1: float = 0.01,
     k2: float = 0.03,
+    border: Literal["reflect", "valid"] = "reflect",
 ) -> torch.Tensor:
     """Per-image SSIM (Wang et al. 2004) of float (B, C, H, W) images in ``data_range``, (B,) float64.
 
     Defaults reproduce the reference's torchmetrics call (``data_range=(-1, 1)`` on [-1, 1] tensors): the
     inputs are clamped to the range and L = hi − lo gives C1 = (K1·L)², C2 = (K2·L)². Computed in float64.
+    ``border``: "reflect" averages the whole H×W map of the images reflect-padded by the window radius
+    (torchmetrics ≥ 1.4); "valid" only the (H − 10)×(W − 10) positions where the window fits inside the
+    image (torchmetrics ≤ 1.3, scikit-image). See the module docstring.
     """
     _check_pair(x, y)
+    if border not in ("reflect", "valid"):
+        raise ValueError(
+            f"border must be 'reflect' (torchmetrics >= 1.4) or 'valid' (scikit-image), got {border!r}"
+        )
     lo, hi = data_range
     x = x.double().clamp(lo, hi)
     y = y.double().clamp(lo, hi)
@@ -75,9 +91,12 @@ def ssim(
         raise ValueError(
             f"images must be at least {size}×{size} for a σ={sigma} window, got {tuple(x.shape[-2:])}"
         )
+    if border == "reflect":
+        pad = (size - 1) // 2
+        x, y = (F.pad(t, (pad, pad, pad, pad), mode="reflect") for t in (x, y))  # (B, C, H+10, W+10)
     c = x.shape[1]
     kernel = window.expand(c, 1, size, size)
-    stats = F.conv2d(torch.cat([x, y, x * x, y * y, x * y]), kernel, groups=c)  # (5B, C, H−10, W−10)
+    stats = F.conv2d(torch.cat([x, y, x * x, y * y, x * y]), kernel, groups=c)  # (5B, C, H', W')
     mu_x, mu_y, xx, yy, xy = stats.split(x.shape[0])
     var_x = (xx - mu_x**2).clamp_min(0.0)
     var_y = (yy - mu_y**2).clamp_min(0.0)

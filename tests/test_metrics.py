@@ -271,6 +271,93 @@ def test_ssim_identical_constant_and_range() -> None:
         ssim(x[..., :8, :8], x[..., :8, :8])
 
 
+def _photo_pairs() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Nine (clean, degraded) pairs of real photographs as uint8 (9, 3, 256, 256): scikit-image's bundled
+    astronaut, coffee and chelsea (center square, bicubic to 256²), each with Gaussian noise (σ = 12 levels),
+    a Gaussian blur (PIL radius 2) and JPEG at quality 20."""
+    import io
+
+    import skimage.data
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(0)
+
+    def square256(a: np.ndarray) -> np.ndarray:
+        side = min(a.shape[:2])
+        top, left = (a.shape[0] - side) // 2, (a.shape[1] - side) // 2
+        crop = Image.fromarray(a[top : top + side, left : left + side])
+        return np.asarray(crop.resize((256, 256), Image.Resampling.BICUBIC))
+
+    def jpeg(a: np.ndarray) -> np.ndarray:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "JPEG", quality=20)
+        return np.asarray(Image.open(buf).convert("RGB"))
+
+    degrade = {
+        "noise": lambda a: np.clip(np.round(a + rng.normal(0, 12, a.shape)), 0, 255).astype(np.uint8),
+        "blur": lambda a: np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(2))),
+        "jpeg": jpeg,
+    }
+    clean, bad, names = [], [], []
+    for photo in ("astronaut", "coffee", "chelsea"):
+        img = square256(getattr(skimage.data, photo)())
+        for kind, fn in degrade.items():
+            clean.append(img)
+            bad.append(fn(img))
+            names.append(f"{photo}/{kind}")
+    to_tensor = lambda a: torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    return to_tensor(clean), to_tensor(bad), names
+
+
+def test_ssim_equals_torchmetrics_and_scikit_image_on_photographs() -> None:
+    """Our SSIM on the reconstruction job's inputs (uint8 → float32 [-1, 1]) against the libraries, per image:
+
+    - default ``border="reflect"`` = torchmetrics 1.9.0 ``structural_similarity_index_measure(data_range=(-1, 1))``
+      (the reference's call), given the same values in float64: measured equal to the last bit (0.0);
+    - ``border="valid"`` = scikit-image ``structural_similarity(gaussian_weights=True, sigma=1.5,
+      use_sample_covariance=False, data_range=2, channel_axis=-1)``: measured 4.4e-16.
+    The two borders differ by 0.001–0.011 here, and scikit-image's own default (7×7 uniform window, sample
+    covariance) by up to 0.035, so each agreement pins down the settings, not just the formula.
+    """
+    from skimage.metrics import structural_similarity
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    clean, bad, names = _photo_pairs()
+    x, y = uint8_to_signed(clean), uint8_to_signed(bad)  # float32, as eval/recon.py passes them
+    ours, ours_valid = ssim(x, y), ssim(x, y, border="valid")
+    assert ours.dtype == torch.float64 and ours.shape == (9,)
+    assert ours.min() > 0.5 and ours.max() < 0.9, dict(zip(names, ours.tolist()))  # real degradations
+
+    tm = structural_similarity_index_measure(x.double(), y.double(), data_range=(-1.0, 1.0), reduction="none")
+    np.testing.assert_allclose(ours.numpy(), tm.numpy(), rtol=0, atol=1e-12)
+    tm32 = structural_similarity_index_measure(x, y, data_range=(-1.0, 1.0), reduction="none")
+    np.testing.assert_allclose(
+        ours.numpy(), tm32.double().numpy(), rtol=0, atol=2e-5
+    )  # its float32 round-off
+
+    xs, ys = (t.permute(0, 2, 3, 1).double().numpy() for t in (x, y))
+    sk = [
+        structural_similarity(
+            a,
+            b,
+            data_range=2.0,
+            channel_axis=-1,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
+        for a, b in zip(xs, ys)
+    ]
+    np.testing.assert_allclose(ours_valid.numpy(), sk, rtol=0, atol=1e-12)
+
+    border_gap = (ours - ours_valid).abs()
+    assert border_gap.max() > 5e-3 and border_gap.min() > 5e-4
+    sk_default = [structural_similarity(a, b, data_range=2.0, channel_axis=-1) for a, b in zip(xs, ys)]
+    assert np.abs(np.array(sk_default) - sk).max() > 0.01
+    with pytest.raises(ValueError, match="border must be 'reflect'"):
+        ssim(x, y, border="same")  # type: ignore[arg-type]
+
+
 def test_lpips_hook_returns_one_value_per_image() -> None:
     torch.manual_seed(0)
     net = LPIPS(pretrained=False)
