@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 # Formats stored as they are, with the member extension the reader decodes.
@@ -78,16 +79,35 @@ def center_crop_adm(pil: Image.Image, size: int) -> Image.Image:
     return pil.crop((left, top, left + size, top + size))
 
 
-def random_crop(pil: Image.Image, size: int, u: tuple[float, float]) -> Image.Image:
-    """VA-VAE training crop (reference §1.4: SmallestMaxSize(size) then RandomCrop(size)).
+def smallest_max_size(pil: Image.Image, size: int) -> Image.Image:
+    """albumentations' `SmallestMaxSize(size)` with its default `cv2.INTER_LINEAR` (reference §1.4).
 
-    The short side is resized to `size` (bilinear, albumentations' default interpolation); the
-    crop offset is u·(free room) for a pair u of uniforms in [0, 1), drawn by the caller from a seeded
-    generator so that crops do not depend on the world size.
+    The new sides are `max(1, round(side · size / short side))` (albumentations 2.0.8,
+    `MaxSizeTransform.apply`; an image whose sides do not change is returned as it is). INTER_LINEAR is
+    bilinear with half-pixel centres and, unlike PIL's resize, no antialiasing when shrinking: each output
+    pixel mixes the 2×2 source pixels around its centre. It is computed here with torch's bilinear
+    `interpolate` (align_corners=False, antialias=False) in fp32, rounded to uint8; OpenCV's 11-bit
+    fixed-point weights make it differ by at most 1 in a few pixels (tests/test_vavae.py measures it).
     """
-    scale = size / min(pil.size)
-    if scale != 1.0:
-        pil = pil.resize(tuple(max(size, round(x * scale)) for x in pil.size), resample=Image.BILINEAR)
+    w, h = pil.size
+    scale = size / min(w, h)
+    new_hw = (max(1, round(h * scale)), max(1, round(w * scale)))
+    if new_hw == (h, w):
+        return pil
+    x = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)[None].float()  # (1,3,H,W)
+    y = F.interpolate(x, size=new_hw, mode="bilinear", align_corners=False, antialias=False)[0]
+    return Image.fromarray(y.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def random_crop(pil: Image.Image, size: int, u: tuple[float, float]) -> Image.Image:
+    """VA-VAE training crop (reference §1.4: albumentations `SmallestMaxSize(size)` then `RandomCrop(size)`).
+
+    The short side is resized to `size` as :func:`smallest_max_size`. The crop's top-left corner is
+    `int(u · (free room + 1))` per axis, albumentations' `get_crop_coords` rule, for a pair u of uniforms
+    in [0, 1) drawn by the caller from a generator keyed on the sample (data_prep/reader.py), so crops do
+    not depend on the world size or the worker count.
+    """
+    pil = smallest_max_size(pil, size)
     left = int(u[0] * (pil.size[0] - size + 1))
     top = int(u[1] * (pil.size[1] - size + 1))
     return pil.crop((left, top, left + size, top + size))

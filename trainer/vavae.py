@@ -16,13 +16,18 @@ checkpoint → reconstruction grid. Choices, and where they differ from the refe
   bf16 (the module's dtype), so the two weights carry bf16 precision (~3 significant digits).
 - The posterior noise of each sample is keyed on (seed, step, its place in the global batch), as
   the DiT's draws: a resumed run, or one at another world size, reproduces it.
+- A micro-batch is a unit of the computation (BatchNorm in D, the adaptive weights), so its samples are
+  the same ones at any world size with the same micro_batch (:func:`micro_batch_order`): a run resumed
+  elastically continues the same run when it keeps micro_batch; it warns when the micro-batch changes.
 - `disc_start` is counted on Lightning's clock by default (`loss.disc_start_clock`): see :func:`gan_steps`.
 - EMA: the reference keeps none (§1.4). An fp32 EMA of the autoencoder is saved with every checkpoint and
   exported; its default decay 0 makes it the last step's weights, i.e. the export is the raw weights.
 - Exports hold the autoencoder under the reference's keys (`ldit extract-latents vavae=<run>/export/latest`
   loads them) plus `training_extras.safetensors`: `linear_proj.weight` and `loss.discriminator.*` under
-  the reference's Lightning checkpoint keys. `init_from` loads all three, as the reference's stage chain
-  does with its whole Lightning state_dict (§1.4); optimizers start afresh, as there.
+  the reference's Lightning checkpoint keys, written by trainer/export.py's one writer (the end of a run
+  and `ldit export` alike). `init_from` loads all three, as the reference's stage chain does with its
+  whole Lightning state_dict (§1.4); optimizers start afresh, as there. A source that lacks a part the
+  stage uses is refused, where the reference's `init_weight` silently keeps it random (trainer/stages.py).
 - MFU is not logged: there is no analytic FLOP count for the autoencoder + LPIPS + foundation step.
 """
 
@@ -43,26 +48,24 @@ from torch import nn
 from data_prep.reader import StreamReader, image_decoder
 from models.discriminator import NLayerDiscriminator
 from models.ema import EMA
-from models.export import load_vavae
 from models.foundation import FoundationModel
 from models.lpips import LPIPS
 from models.vavae import (
-    VF_PROJECTION_KEY,
     AutoencoderArgs,
     AutoencoderKL,
     DiagonalGaussianDistribution,
     autoencoder_args,
-    load_reference_checkpoint,
 )
 from models.vavae_losses import VAVAELoss, VAVAELossArgs
 from models.weights import read_state_dict
-from trainer.checkpoint import EMA_FILE, Checkpointer, step_name
+from trainer.checkpoint import EMA_FILE, Checkpointer
 from trainer.common import (
     Logger,
     Meter,
     NonFiniteLoss,
     StopRequested,
     StopSignals,
+    Topology,
     agree,
     mean_over_ranks,
     memory_bytes,
@@ -73,13 +76,17 @@ from trainer.common import (
 )
 from trainer.config import TrainVAVAEConfig
 from trainer.engine import build_engine, deepspeed_config
-from trainer.export import export_weights
+from trainer.export import (
+    DISC_PREFIX,
+    EXTRA_PARTS,
+    TRAINING_EXTRAS,
+    export_weights,
+    training_extras,
+)
 from trainer.preflight import open_training_shards
+from trainer.stages import gan_steps, load_init, stage_uses, trained_extras
 
-TRAINING_EXTRAS = "training_extras.safetensors"
-"""File of an export folder with the trained weights that are not the autoencoder (VF projection, D)."""
-DISC_PREFIX = "loss.discriminator."
-"""Key prefix of the discriminator in the reference's Lightning training checkpoint (§8.2)."""
+__all__ = ["DISC_PREFIX", "TRAINING_EXTRAS", "gan_steps", "train"]
 
 
 class AutoencoderObjective(nn.Module):
@@ -140,15 +147,6 @@ class DiscriminatorObjective(nn.Module):
         return loss_fn.discriminator_loss(x, xrec, global_step, fp32_out(self.discriminator, dtype))
 
 
-def gan_steps(clock: str, step: int) -> tuple[int, int]:
-    """The global_step the AE loss and the D loss compare with disc_start at iteration `step` (0-based).
-
-    The reference optimises manually with two optimizers in Lightning, whose global_step counts every
-    optimizer step: 2·step at the AE loss, 2·step + 1 at the D loss (`lightning`). `step` counts iterations.
-    """
-    return (2 * step, 2 * step + 1) if clock == "lightning" else (step, step)
-
-
 def build_loss(cfg: TrainVAVAEConfig, args: AutoencoderArgs) -> VAVAELoss:
     """The reference losses (§1.2, §1.3) with their frozen LPIPS and foundation model, from local files if given."""
     c = cfg.loss
@@ -180,33 +178,6 @@ def build_loss(cfg: TrainVAVAEConfig, args: AutoencoderArgs) -> VAVAELoss:
     return VAVAELoss(loss_args, lpips, foundation, latent_channels=args.embed_dim)
 
 
-def load_init(path: str, autoencoder: AutoencoderKL, proj: nn.Module | None, disc: nn.Module) -> str:
-    """Start from a previous stage (§1.4): an export folder (autoencoder + training extras) or a reference
-    checkpoint file (its `linear_proj.weight` and `loss.discriminator.*` too, when present)."""
-    p = Path(path)
-    if p.is_dir():
-        autoencoder.load_state_dict(load_vavae(p).state_dict(), strict=True)
-        extras = read_state_dict(p / TRAINING_EXTRAS) if (p / TRAINING_EXTRAS).is_file() else {}
-        if proj is not None and VF_PROJECTION_KEY in extras:
-            proj.load_state_dict({"weight": extras[VF_PROJECTION_KEY]}, strict=True)
-    else:
-        extras = read_state_dict(p)
-        load_reference_checkpoint(extras, autoencoder, proj)
-    carried = ["autoencoder"] + (["linear_proj"] if proj is not None and VF_PROJECTION_KEY in extras else [])
-    d_state = {k.removeprefix(DISC_PREFIX): v for k, v in extras.items() if k.startswith(DISC_PREFIX)}
-    if d_state:
-        disc.load_state_dict(d_state, strict=True)
-        carried.append("discriminator")
-    return f"initialised {', '.join(carried)} from {path}"
-
-
-def training_extras(proj: nn.Module | None, disc: nn.Module) -> dict[str, torch.Tensor]:
-    """The VF projection and the discriminator (weights and BatchNorm statistics) under reference keys, fp32."""
-    out = {VF_PROJECTION_KEY: proj.weight} if proj is not None else {}
-    out |= {DISC_PREFIX + k: v for k, v in disc.state_dict().items()}
-    return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
-
-
 @contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
     """Parameters of `module` need no gradient inside the block (the graph built there never reaches them)."""
@@ -235,8 +206,12 @@ def train(cfg: TrainVAVAEConfig) -> None:
     loss_fn = build_loss(cfg, args).to(topo.device)
     ckpts = Checkpointer(run_dir, cfg.ckpt.keep_last, cfg.ckpt.milestone_every)
     resume = ckpts.latest()
+    loaded: set[str] = set()  # training extras with weights from outside this run (init_from)
     if resume is None and cfg.init_from:
-        print0(load_init(cfg.init_from, autoencoder, loss_fn.linear_proj, discriminator))
+        message, loaded = load_init(
+            cfg.init_from, autoencoder, loss_fn.linear_proj, discriminator, stage_uses(cfg)
+        )
+        print0(message)
     autoencoder.set_grad_checkpointing(cfg.grad_checkpointing)
     ema = EMA(autoencoder, cfg.ema_decay)  # fp32, from the fp32 weights, before DeepSpeed casts the module
     elastic = resume is not None and resume.meta["world_size"] != topo.world_size
@@ -261,9 +236,16 @@ def train(cfg: TrainVAVAEConfig) -> None:
         ckpts.load(resume, engines)
         ema.load_state_dict(read_state_dict(resume.path / EMA_FILE))
         step = resume.step
+        loaded = set(resume.meta.get("extras", EXTRA_PARTS))  # what the run held when it saved
         print0(
             f"resumed {cfg.run.name} at step {step}" + (" (elastic: universal checkpoint)" if elastic else "")
         )
+        if resume.meta["micro_batch"] != topo.micro_batch:
+            print0(
+                f"warning: the micro-batch changed from {resume.meta['micro_batch']} to {topo.micro_batch} "
+                "samples: the discriminator's BatchNorm and the adaptive weights see another batch, so the run "
+                f"does not continue exactly; set micro_batch={resume.meta['micro_batch']} to continue it exactly"
+            )
     if topo.rank == 0:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
         (run_dir / "topology.json").write_text(json.dumps(topo.describe(), indent=1))
@@ -274,6 +256,7 @@ def train(cfg: TrainVAVAEConfig) -> None:
         pin_memory=topo.device.type == "cuda",
     )  # fmt: skip
     side = cfg.image_size // autoencoder.downsample_factor
+    per_stream = cfg.data.global_batch // cfg.data.streams  # samples each stream gives a step
     signals, logger, meter = StopSignals(), Logger(run_dir, step), Meter()
     sums: dict[str, float] = {}
     skipped = 0
@@ -283,8 +266,9 @@ def train(cfg: TrainVAVAEConfig) -> None:
             t0 = time.perf_counter()
             batch = next(batches)  # data
             t1 = time.perf_counter()
-            x = batch.x.to(topo.device, non_blocking=True)  # (b, 3, H, W) in [-1, 1]
-            eps = per_sample_normal(cfg.seed, step, batch.positions, (args.embed_dim, side, side))
+            order = micro_batch_order(batch.positions, per_stream, topo)
+            x = batch.x[order].to(topo.device, non_blocking=True)  # (b, 3, H, W) in [-1, 1]
+            eps = per_sample_normal(cfg.seed, step, batch.positions[order], (args.embed_dim, side, side))
             eps = eps.to(topo.device)
             ae_clock, d_clock = gan_steps(cfg.loss.disc_start_clock, step)
             lrs = {n: e.get_lr()[0] for n, e in engines.items()}  # this step's rates; step() advances them
@@ -335,7 +319,8 @@ def train(cfg: TrainVAVAEConfig) -> None:
                 sums, _ = {}, meter.reset()
             if step % cfg.ckpt.every == 0 or step == cfg.steps or stopping:  # checkpoint
                 meta = {"samples_seen": step * topo.global_batch, "config": asdict(cfg), **topo.describe(),
-                        "zero_stage": cfg.zero_stage, "kind": "vavae", "model_args": asdict(args)}  # fmt: skip
+                        "zero_stage": cfg.zero_stage, "kind": "vavae", "model_args": asdict(args),
+                        "extras": trained_extras(cfg, step, loaded)}  # fmt: skip
                 ckpts.save(step, engines, ema.state_dict(), meta)
             if cfg.log.sample_every and (step % cfg.log.sample_every == 0 or step == cfg.steps):  # samples
                 reconstruction_grid(x[sl], xrec, step, run_dir, logger)
@@ -344,16 +329,31 @@ def train(cfg: TrainVAVAEConfig) -> None:
     finally:
         signals.restore()
         logger.close()
-    if topo.rank == 0:
-        folder = run_dir / "export" / step_name(step)
-        folder.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
-
-        save_file(training_extras(loss_fn.linear_proj, discriminator), str(folder / TRAINING_EXTRAS))
-        export_weights(
-            run_dir, step, AutoencoderKL(replace(args, grad_checkpointing=False)), ema.state_dict(), cfg
+    if topo.rank == 0:  # the same folder `ldit export` writes from the last checkpoint
+        extras = training_extras(
+            ae_engine.module.state_dict(), d_engine.module.state_dict(), trained_extras(cfg, step, loaded)
         )
+        model = AutoencoderKL(replace(args, grad_checkpointing=False))
+        export_weights(run_dir, step, model, ema.state_dict(), cfg, extras)
     dist.barrier()
+
+
+def micro_batch_order(positions: torch.Tensor, per_stream: int, topo: Topology) -> torch.Tensor:
+    """The order of this rank's samples that makes its micro-batch i the streams of micro-batch group
+    v mod (world size · accumulation) = rank + i·world size, a split of the global batch that does not
+    depend on the world size when the micro-batch is kept.
+
+    The VA-VAE's micro-batch is a unit of the computation, not only of memory: the discriminator's
+    BatchNorm normalises over it and the adaptive weights (§1.2, §1.3) are ratios of its gradient norms.
+    Rank r reads streams r, r + W, … (DESIGN.md "The stream reader"): its micro-batch i gets its local
+    streams j ≡ i (mod accumulation), so 2 ranks × 1 micro-batch and 1 rank × 2 micro-batches of the same
+    size see the same samples together. A micro-batch that does not hold whole streams keeps the
+    stream order (no such guarantee then). `positions` are the samples' places in the global batch.
+    """
+    if topo.grad_accum == 1 or topo.micro_batch % per_stream:
+        return torch.arange(len(positions))
+    local_stream = positions // per_stream // topo.world_size  # j of stream v = r + j·W
+    return torch.sort(local_stream % topo.grad_accum, stable=True).indices
 
 
 @torch.no_grad()
