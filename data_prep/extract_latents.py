@@ -28,7 +28,17 @@ from tqdm import tqdm
 
 from data_prep.config import ExtractLatentsConfig
 from data_prep.images import center_crop_adm, decode_rgb, to_tensor
-from data_prep.manifest import MANIFEST, LatentInfo, Manifest, ShardInfo, ShardSetError, sha256_file
+from data_prep.manifest import (
+    MANIFEST,
+    LatentInfo,
+    Manifest,
+    ShardInfo,
+    ShardSetError,
+    file_url,
+    is_remote,
+    read_remote,
+    sha256_file,
+)
 from data_prep.reader import open_shard_set
 from data_prep.shards import encode_npy, read_shard, write_shard
 from models.device import device
@@ -92,6 +102,13 @@ def _finished(out: Path, name: str) -> dict | None:
     return rec
 
 
+def _manifest_sha256(images: str) -> str:
+    """sha256 of the image set's manifest.json, read through the set's opener when it is remote."""
+    if is_remote(images):
+        return hashlib.sha256(read_remote(file_url(images, MANIFEST))).hexdigest()
+    return sha256_file(Path(images) / MANIFEST)
+
+
 def run(cfg: ExtractLatentsConfig) -> Manifest | None:
     """Write the latent shard set; returns the manifest on rank 0 (None on other ranks)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -117,7 +134,7 @@ def run(cfg: ExtractLatentsConfig) -> Manifest | None:
                 skipped += 1
                 bar.update(shard.count)
                 continue
-            samples = read_shard(str(Path(cfg.images) / shard.name), shard.count)
+            samples = read_shard(file_url(cfg.images, shard.name), shard.count, shard)
             lat, lat_flip = encode_shard(vae, samples, cfg, dev)
             dtype = DTYPES[cfg.dtype]
             info = write_shard(
@@ -164,7 +181,7 @@ def run(cfg: ExtractLatentsConfig) -> Manifest | None:
                 "job": "extract-latents",
                 "config": asdict(cfg),
                 "vavae_sha256": weights_sha256(cfg.vavae),
-                "images_manifest_sha256": sha256_file(Path(cfg.images) / MANIFEST),
+                "images_manifest_sha256": _manifest_sha256(cfg.images),
             },
             latent=LatentInfo(
                 tuple(records[0]["shape"]),

@@ -4,6 +4,21 @@ A shard set is a folder of plain tar files (webdataset layout) plus `manifest.js
 formats"): the format version, the kind (`images` or `latents`), every shard's name, sample count, byte
 size and sha256, the total count, the class map, what produced it, for latents the shape, dtype and
 per-channel statistics, and the inputs that were skipped with the reason.
+
+Where a shard set lives (:func:`file_url`). A shard set is named by one string, its *location*:
+
+- a local folder (no URL scheme): its files are `<folder>/<name>`;
+- a `pipe:` command template holding `{}` (the only placeholder): each file is read from the output of
+  the command with `{}` replaced by the file name, e.g. `pipe:aws s3 cp s3://bucket/set/{} -` reads
+  `manifest.json` with `aws s3 cp s3://bucket/set/manifest.json -` and each shard likewise;
+- any other URL webdataset's `gopen` opens (`file:`, `http(s):`, `gs:`, …): `{}` is replaced by the
+  file name when present, else the file name is appended after a `/` (`https://host/set` →
+  `https://host/set/manifest.json`).
+
+The manifest is read through the same opener as the shards. Every shard name of a manifest must be a
+plain file name (:func:`check_shard_name`: letters, digits, `.`, `_`, `-`; no path separator, no `..`),
+checked when the manifest is loaded, before any name reaches a shell (`pipe:` runs its command with
+`shell=True`) or leaves the folder.
 """
 
 from __future__ import annotations
@@ -11,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -20,6 +36,8 @@ from typing import Any, Literal
 FORMAT = "ldit-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+"""What a shard name may be: a file name with no path separator, no shell character, no leading dot."""
 
 Kind = Literal["images", "latents"]
 
@@ -97,15 +115,90 @@ class Manifest:
         return path
 
 
-def load_manifest(folder: str | Path, kind: Kind | None = None) -> Manifest:
-    """Read and check `<folder>/manifest.json`; `kind` demands images or latents."""
-    path = Path(folder) / MANIFEST
+def is_remote(location: str | Path) -> bool:
+    """Whether a shard set's location is a URL (`pipe:`, `file:`, `http(s):` …) rather than a local folder."""
+    if isinstance(location, Path):
+        return False
+    import webdataset as wds
+
+    scheme = re.match(r"([a-zA-Z][a-zA-Z0-9+.-]+):", location)
+    return scheme is not None and (scheme[1] in wds.gopen_schemes or scheme[1] == "file")
+
+
+def check_shard_name(name: str, where: str | Path) -> None:
+    """Raise ShardSetError unless `name` is a plain file name (see :data:`PLAIN_NAME`); `where` is the manifest."""
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name) or ".." in name:
+        raise ShardSetError(
+            f"{where}: shard name {name!r} is not a plain file name (only letters, digits, '.', '_' and '-'; "
+            "no path separator, no '..', no shell character): refusing to open it"
+        )
+
+
+def file_url(location: str | Path, name: str) -> str:
+    """Where the file `name` (a shard or manifest.json) of the shard set at `location` is read from (module
+    docstring: a folder joins, a `pipe:` template or a URL with `{}` substitutes, another URL appends `/name`).
+    """
+    check_shard_name(name, location)
+    text = str(location)
+    if not is_remote(location):
+        return str(Path(location) / name)
+    if "{}" in text:
+        return text.replace("{}", name)
+    if text.startswith("pipe:"):
+        raise ShardSetError(
+            f"{text}: a pipe: shard set names its files with {{}}, which is replaced by {MANIFEST} and by each "
+            "shard's name (e.g. pipe:aws s3 cp s3://bucket/set/{} -)"
+        )
+    return text.rstrip("/") + "/" + name
+
+
+def set_name(location: str | Path) -> str:
+    """A short name of the shard set at `location`, for output names: a folder's name, or a URL's last path
+    component before its `{}` (`pipe:aws s3 cp s3://bucket/val/{} -` → `val`), in file-name characters."""
+    if not is_remote(location):
+        return Path(location).resolve().name
+    stem = str(location).split("{}")[0].rstrip("/")
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", re.split(r"[/\s:]", stem)[-1]).strip("-.")
+    return name or "remote"
+
+
+def read_remote(url: str) -> bytes:
+    """The bytes of a remote file, read front to back with webdataset's gopen; OSError when it cannot be
+    read (for a command: "the command exited with status N")."""
+    import webdataset as wds
+
+    stream = wds.gopen(url, "rb")
+    try:
+        with stream:
+            return stream.read()
+    except OSError:
+        if getattr(stream, "status", None) is None:
+            raise
+        raise OSError(f"the command exited with status {stream.status}") from None
+
+
+def _manifest_text(location: str | Path) -> tuple[str, str]:
+    """(where the manifest was read, its text)."""
+    if is_remote(location):
+        url = file_url(location, MANIFEST)
+        try:
+            return url, read_remote(url).decode()
+        except (OSError, ValueError) as exc:
+            raise ShardSetError(f"{location}: cannot read {MANIFEST} through {url} ({exc})") from None
+    path = Path(location) / MANIFEST
     if not path.is_file():
         raise ShardSetError(
-            f"{folder}: no {MANIFEST}; is this a shard set written by `ldit prep-images` or `ldit extract-latents`?"
+            f"{location}: no {MANIFEST}; is this a shard set written by `ldit prep-images` or `ldit extract-latents`?"
         )
+    return str(path), path.read_text()
+
+
+def load_manifest(folder: str | Path, kind: Kind | None = None) -> Manifest:
+    """Read and check the manifest of the shard set at `folder` (a local folder or a URL, module docstring);
+    `kind` demands images or latents. Every shard name is checked to be a plain file name."""
+    path, text = _manifest_text(folder)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ShardSetError(f"{path}: not valid JSON ({exc})") from None
     if data.get("format") != FORMAT or data.get("version") != VERSION:
@@ -114,6 +207,8 @@ def load_manifest(folder: str | Path, kind: Kind | None = None) -> Manifest:
         )
     if kind is not None and data["kind"] != kind:
         raise ShardSetError(f"{folder} holds {data['kind']}, but this job reads {kind}")
+    for shard in data["shards"]:  # before any name reaches a shell (pipe:) or a path outside the set
+        check_shard_name(shard.get("name"), path)
     latent = data.get("latent")
     m = Manifest(
         kind=data["kind"],
@@ -138,6 +233,21 @@ def load_manifest(folder: str | Path, kind: Kind | None = None) -> Manifest:
             f"{path}: total {data.get('total')} is not the sum of the shard counts ({m.total})"
         )
     return m
+
+
+def empty_problem(location: str | Path, m: Manifest) -> str | None:
+    """The message for a shard set that holds no sample (None when it holds some): nothing can read it."""
+    if m.total > 0:
+        return None
+    again = (
+        "`ldit prep-images` from a folder of readable images"
+        if m.kind == "images"
+        else "`ldit extract-latents` from an image shard set that holds samples"
+    )
+    return (
+        f"{location}: the shard set holds 0 samples ({len(m.shards)} shards in its manifest): nothing can be "
+        f"read from it; write it again with {again}"
+    )
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -8,6 +8,10 @@ as their original bytes (under the extension of their real format) and converted
 Samples are dealt to shards in a seeded random order, so no shard holds one class. Shard i is written
 by rank i mod W, each rank writing its own files; rank 0 merges the per-rank results into
 `manifest.json` at the end, which is written last: a folder without a manifest is not a shard set.
+
+A source with no readable image is an error (issue #15), not an empty shard set: the job exits naming
+the folder and why each file was skipped, writes no manifest, removes the empty shards it wrote, and
+removes `out` if it created it.
 """
 
 from __future__ import annotations
@@ -93,6 +97,30 @@ def _samples(
         yield {"__key__": key, check.ext: data, "cls": str(index).encode(), "json": encode_json(meta)}
 
 
+SKIPS_LISTED = 5
+"""Skipped files the error of a source with no readable image lists one by one; more are counted by reason."""
+
+
+def nothing_readable(src: Path, out: Path, classes: int, skipped: list[dict[str, str]]) -> str:
+    """The one-line error of a source in which no file is a readable image: the folder and the reasons."""
+    skipped = sorted(skipped, key=lambda s: s["path"])
+    if not skipped:
+        found = f"its {classes} class folder(s) hold no file"
+    else:
+        if len(skipped) <= SKIPS_LISTED:
+            listing = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped)
+        else:
+            reasons = Counter(s["reason"].split(":")[0] for s in skipped)
+            listing = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
+            listing += f"; e.g. {skipped[0]['path']}: {skipped[0]['reason']}"
+        found = f"all {len(skipped)} files of its {classes} class folder(s) were skipped ({listing})"
+    message = (
+        f"no readable image in {src}: {found}; nothing was written to {out}. "
+        "Put JPEG or PNG images in the class folders of src="
+    )
+    return " ".join(message.splitlines())
+
+
 def run(cfg: PrepImagesConfig) -> Manifest | None:
     """Write the shard set; returns the manifest on rank 0 (None on other ranks)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -104,9 +132,13 @@ def run(cfg: PrepImagesConfig) -> Manifest | None:
     if cfg.shard_samples <= 0:
         raise ShardSetError(f"shard_samples={cfg.shard_samples} must be positive")
     wnids, images, ignored = scan(src, cfg.extensions)
+    if not images:  # every rank scanned the same folder: all stop here, before anything is written
+        raise ShardSetError(nothing_readable(src, out, len(wnids), ignored))
     order = np.random.default_rng(cfg.seed).permutation(len(images))
     n_shards = -(-len(images) // cfg.shard_samples)
     mine = list(range(rank, n_shards, world))
+    existed = out.exists()
+    dist.barrier()  # every rank has looked before one creates it
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
@@ -121,15 +153,21 @@ def run(cfg: PrepImagesConfig) -> Manifest | None:
     gathered: list = [None] * world
     dist.all_gather_object(gathered, (shards, skipped, dict(notes)))
     manifest = None
+    all_shards = sorted((s for part in gathered for s in part[0]), key=lambda s: s[0])
+    all_skipped = ignored + sorted((s for part in gathered for s in part[1]), key=lambda s: s["path"])
     if rank == 0:
-        all_shards = sorted((s for part in gathered for s in part[0]), key=lambda s: s[0])
         for _, info in all_shards:
             if info.count == 0:  # every image of the shard was skipped
                 (out / info.name).unlink()
+    if sum(info.count for _, info in all_shards) == 0:  # no readable image: no shard set (every rank)
+        if rank == 0 and not existed:
+            out.rmdir()  # it was created above and is empty again
+        dist.barrier()  # the cleanup is done before any rank exits
+        raise ShardSetError(nothing_readable(src, out, len(wnids), all_skipped))
+    if rank == 0:
         all_notes: Counter = Counter()
         for part in gathered:
             all_notes.update(part[2])
-        all_skipped = ignored + sorted((s for part in gathered for s in part[1]), key=lambda s: s["path"])
         manifest = Manifest(
             kind="images",
             shards=[info for _, info in all_shards if info.count > 0],

@@ -15,8 +15,10 @@ batch B, stream count V), and the only state is the step counter:
 - Resuming at step k seeks each stream to sample k·b of its sequence, which follows from the
   manifest's counts: the right epoch, shard and offset, without reading what comes before.
 
-Each shard is read front to back (so `pipe:` URLs work) and held in memory while its stream reads it:
-a rank holds V/W shards at a time.
+Each shard is read front to back and held in memory while its stream reads it: a rank holds V/W shards
+at a time. A shard set may be remote (a `pipe:` command template or a URL, named as data_prep/manifest.py
+says); a remote shard is checked against its manifest entry (size, sha256, sample count) as it is read,
+from the bytes in memory, so a changed shard stops the rank that reads it, naming it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep.manifest import Kind, Manifest, ShardSetError, check_shards, load_manifest
+from data_prep.manifest import (
+    Kind,
+    Manifest,
+    ShardInfo,
+    ShardSetError,
+    check_shards,
+    empty_problem,
+    file_url,
+    is_remote,
+    load_manifest,
+)
 from data_prep.shards import read_shard
 
 
@@ -55,6 +67,10 @@ class StreamPlan:
     streams: int
 
     def __post_init__(self) -> None:
+        if not self.counts:
+            raise ShardSetError(
+                "the shard set holds 0 samples (0 shards in its manifest): nothing can be read from it"
+            )
         if self.streams <= 0 or self.global_batch % self.streams:
             raise ShardSetError(f"streams={self.streams} must divide the global batch {self.global_batch}")
         if len(self.counts) < self.streams:
@@ -128,8 +144,10 @@ crop offset) must come from the uniforms, which depend only on (seed, epoch, sha
 class _Cursor:
     """One stream's reading position: the shard it holds in memory and its sample iterator."""
 
-    def __init__(self, plan: StreamPlan, urls: list[str], stream: int, start_step: int) -> None:
-        self.plan, self.urls = plan, urls
+    def __init__(
+        self, plan: StreamPlan, urls: list[str], infos: list[ShardInfo | None], stream: int, start_step: int
+    ) -> None:
+        self.plan, self.urls, self.infos = plan, urls, infos
         self.refs = plan.stream(stream, start_step)
         self.shard, self.samples = -1, []
         self.drawn, self.uniforms = (-1, -1), np.empty((0, 2))
@@ -139,7 +157,9 @@ class _Cursor:
         for _ in range(n):
             ref = next(self.refs)
             if ref.shard != self.shard:
-                self.samples = read_shard(self.urls[ref.shard], self.plan.counts[ref.shard])
+                self.samples = read_shard(
+                    self.urls[ref.shard], self.plan.counts[ref.shard], self.infos[ref.shard]
+                )
                 self.shard = ref.shard
             if (ref.shard, ref.epoch) != self.drawn:
                 self.uniforms = sample_uniforms(
@@ -174,21 +194,22 @@ class Batch:
 
 class _RankStreams(IterableDataset):
     def __init__(
-        self, plan: StreamPlan, urls: list[str], streams: list[int], start_step: int, decode: Decode
+        self,
+        plan: StreamPlan,
+        urls: list[str],
+        infos: list[ShardInfo | None],
+        streams: list[int],
+        start_step: int,
+        decode: Decode,
     ):
-        self.plan, self.urls, self.streams, self.start_step, self.decode = (
-            plan,
-            urls,
-            streams,
-            start_step,
-            decode,
-        )
+        self.plan, self.urls, self.infos = plan, urls, infos
+        self.streams, self.start_step, self.decode = streams, start_step, decode
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         mine = self.streams[worker::workers]
-        cursors = [_Cursor(self.plan, self.urls, v, self.start_step) for v in mine]
+        cursors = [_Cursor(self.plan, self.urls, self.infos, v, self.start_step) for v in mine]
         step = self.start_step
         b = self.plan.per_stream
         positions = torch.cat([torch.arange(v * b, (v + 1) * b) for v in mine])
@@ -222,7 +243,9 @@ class StreamReader:
         prefetch: int = 4,
     ) -> None:
         self.plan = StreamPlan(manifest.counts, seed, global_batch, streams)
-        self.urls = [_url(folder, s.name) for s in manifest.shards]
+        self.urls = [file_url(folder, s.name) for s in manifest.shards]
+        # a remote shard is checked (size, sha256) as it is read; a local one was verified before training
+        self.infos: list[ShardInfo | None] = [s if is_remote(folder) else None for s in manifest.shards]
         self.streams = self.plan.rank_streams(rank, world_size)
         self.decode = decode
         self.workers = min(workers, len(self.streams))
@@ -234,7 +257,7 @@ class StreamReader:
 
     def batches(self, start_step: int = 0) -> Iterator[Batch]:
         """This rank's batches of steps start_step, start_step + 1, … (forever)."""
-        dataset = _RankStreams(self.plan, self.urls, self.streams, start_step, self.decode)
+        dataset = _RankStreams(self.plan, self.urls, self.infos, self.streams, start_step, self.decode)
         loader = DataLoader(
             dataset,
             batch_size=None,
@@ -274,11 +297,14 @@ class StreamReader:
 def open_shard_set(folder: str | Path, kind: Kind, hashes: bool = False) -> Manifest:
     """Load a shard set's manifest and check every shard file against it before anything reads it.
 
-    Checks that each shard exists and has its recorded size, and with `hashes` its sha256 too;
-    raises ShardSetError listing every bad shard. (Sample counts are checked when a shard is read.)
+    Raises ShardSetError if the set holds no sample. Checks that each shard exists and has its recorded
+    size, and with `hashes` its sha256 too; raises ShardSetError listing every bad shard. (Sample counts
+    are checked when a shard is read; a remote set's shards are checked as they are read.)
     """
     manifest = load_manifest(folder, kind)
-    if not str(folder).startswith("pipe:"):
+    if problem := empty_problem(folder, manifest):
+        raise ShardSetError(problem)
+    if not is_remote(folder):
         problems = check_shards(folder, manifest.shards, hashes)
         if problems:
             raise ShardSetError(
@@ -299,13 +325,6 @@ def without_shards(manifest: Manifest, names: Iterable[str]) -> Manifest:
     if unknown:
         raise ShardSetError(f"no shard named {', '.join(sorted(unknown))} in the manifest")
     return replace(manifest, shards=[s for s in manifest.shards if s.name not in drop])
-
-
-def _url(folder: str | Path, name: str) -> str:
-    folder = str(folder)
-    if folder.startswith("pipe:"):  # e.g. "pipe:aws s3 cp s3://bucket/set" → one command per shard
-        return f"{folder}/{name} -"
-    return str(Path(folder) / name)
 
 
 def flip_mask(uniforms: np.ndarray) -> np.ndarray:

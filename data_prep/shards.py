@@ -11,11 +11,24 @@ the file name, extension = the rest, lower-cased).
 
 Only the extensions below are accepted: the reader never unpickles a sample field, and a shard with
 any other member is refused. `.npy` members are read with a header parser that refuses object arrays.
+
+A shard must be whole (issue #15), checked in the same pass that splits it, at no extra read:
+
+- the archive ends with its end-of-archive blocks (two 512-byte zero blocks, as every tar writer
+  emits): a tar cut at a member boundary otherwise parses as valid, its last sample without its last
+  members;
+- every sample holds all the members of its layout: an image sample `cls`, `json` and `jpg` or `png`;
+  a latent sample `cls`, `latent.npy` and `latent_flip.npy` (the layout is latents when any sample of
+  the shard holds a `.npy` member).
+
+A remote shard (a URL, data_prep/manifest.py) read with a manifest entry is also checked for its byte
+size and sha256 as it is read: the bytes are in memory already, so hashing costs no second read.
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
 import json
 import mmap
@@ -27,10 +40,20 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from data_prep.manifest import ShardInfo, ShardSetError, sha256_file
+from data_prep.manifest import ShardInfo, ShardSetError, read_remote, sha256_file
 
 MEMBER_EXTENSIONS = {"jpg", "png", "cls", "json", "latent.npy", "latent_flip.npy"}
 """Every member extension a shard may hold (images: jpg/png + cls + json; latents: two .npy + cls)."""
+LAYOUTS = {
+    "images": "an image sample holds cls, json and jpg or png",
+    "latents": "a latent sample holds cls, latent.npy and latent_flip.npy",
+}
+"""The members every sample of a shard must hold, by layout (see :func:`lacking`)."""
+_ZERO_BLOCK = bytes(512)
+
+
+class TarCut(ShardSetError):
+    """A tar that ends without its end-of-archive blocks: cut short (or still being written)."""
 
 
 def encode_npy(arr: np.ndarray) -> bytes:
@@ -104,12 +127,23 @@ def _pax(data: memoryview) -> dict[str, str]:
 
 
 def tar_members(data: bytes | mmap.mmap, where: str) -> Iterator[tuple[str, memoryview]]:
-    """(path, contents) of every regular file in an uncompressed tar held in memory."""
+    """(path, contents) of every regular file in an uncompressed tar held in memory.
+
+    Raises TarCut if the archive does not end with two zero blocks (the end-of-archive marker), and
+    ShardSetError if a header is not a tar header or a member is cut inside its data.
+    """
     buf, pos, long_name, pax = memoryview(data), 0, None, {}
-    while pos + 512 <= len(buf):
+    while True:
         header = buf[pos : pos + 512]
-        if not any(header):
-            break
+        if header == _ZERO_BLOCK and buf[pos + 512 : pos + 1024] == _ZERO_BLOCK:
+            return  # the end-of-archive blocks; what follows is the writer's padding
+        if len(header) < 512 or (header == _ZERO_BLOCK and len(buf) - pos < 1024):
+            raise TarCut(
+                f"shard {where}: cut short at byte {len(buf)}: it ends without the end-of-archive blocks "
+                "(two 512-byte zero blocks)"
+            )
+        if header == _ZERO_BLOCK:
+            raise ShardSetError(f"shard {where}: not a tar file (a lone zero block at byte {pos})")
         if bytes(header[257:262]) not in (b"ustar", b"") and bytes(header[257:263]) != b"ustar ":
             raise ShardSetError(f"shard {where}: not a tar file (bad header at byte {pos})")
         size, kind = _octal(header[124:136]), bytes(header[156:157])
@@ -144,35 +178,93 @@ def member_key(path: str) -> tuple[str, str] | None:
     return None if dot < 0 else (path[:dot], path[dot + 1 :].lower())
 
 
-def read_shard(url: str, expected_count: int | None = None) -> list[dict[str, bytes]]:
+def lacking(sample: dict[str, object], layout: str) -> list[str]:
+    """The members `sample` lacks for `layout` ("images" or "latents"); [] when it is whole."""
+    if layout == "latents":
+        return [m for m in ("cls", "latent.npy", "latent_flip.npy") if m not in sample]
+    missing = [m for m in ("cls", "json") if m not in sample]
+    return missing + ([] if "jpg" in sample or "png" in sample else ["jpg or png"])
+
+
+def _layout(samples: list[dict]) -> str:
+    return "latents" if any("latent.npy" in s or "latent_flip.npy" in s for s in samples) else "images"
+
+
+def split_samples(
+    data: bytes | mmap.mmap, where: str, into: list[dict] | None = None
+) -> list[dict[str, memoryview | str]]:
+    """The samples of a tar held in memory, in file order, as {"__key__": key, ext: contents}.
+
+    Raises ShardSetError naming the shard (`where`) if it is not a tar, holds a member of an unknown
+    extension (e.g. a pickle), is cut short (no end-of-archive blocks; the message also names the last
+    sample's missing members), or holds a sample that lacks a member of its layout. Samples are appended
+    to `into` (when given) as they are split, so a caller that catches the error knows how far it got.
+    """
+    samples = [] if into is None else into
+    current: dict | None = None
+    try:
+        for path, body in tar_members(data, where):
+            split = member_key(path)
+            if split is None:
+                raise ShardSetError(f"shard {where}: member {path} has no extension")
+            key, ext = split
+            if ext not in MEMBER_EXTENSIONS:
+                raise ShardSetError(
+                    f"shard {where}: sample {key} has member(s) {[ext]}; the reader only decodes "
+                    f"{sorted(MEMBER_EXTENSIONS)} and never unpickles"
+                )
+            if current is None or current["__key__"] != key:
+                current = {"__key__": key}
+                samples.append(current)
+            current[ext] = body
+    except TarCut as cut:
+        message = str(cut)
+        if samples and (missing := lacking(samples[-1], _layout(samples))):
+            message += f", and its last sample {samples[-1]['__key__']} lacks member(s) {', '.join(missing)}"
+        raise ShardSetError(message + "; copy or write the shard again") from None
+    layout = _layout(samples)
+    for sample in samples:
+        if missing := lacking(sample, layout):
+            raise ShardSetError(
+                f"shard {where}: sample {sample['__key__']} lacks member(s) {', '.join(missing)} "
+                f"({LAYOUTS[layout]}); write the shard again"
+            )
+    return samples
+
+
+def stream_problem(url: str, data: bytes, info: ShardInfo) -> str | None:
+    """The first of size and sha256 in which the bytes read from `url` differ from the manifest entry."""
+    if len(data) != info.bytes:
+        return f"shard {url}: size {len(data)} bytes, manifest says {info.bytes} (truncated or replaced?)"
+    if (digest := hashlib.sha256(data).hexdigest()) != info.sha256:
+        return f"shard {url}: sha256 {digest[:16]}…, manifest says {info.sha256[:16]}… (contents changed)"
+    return None
+
+
+def read_shard(
+    url: str, expected_count: int | None = None, info: ShardInfo | None = None
+) -> list[dict[str, bytes]]:
     """All samples of a shard, in file order, as {"__key__": key, ext: contents}.
 
-    Raises ShardSetError naming the shard if it is not a tar, holds a member of an unknown extension
-    (e.g. a pickle), or a different number of samples than `expected_count`.
+    `url` is a local file (mapped, and only the members that are decoded are copied) or a URL read
+    front to back with webdataset's gopen. Raises ShardSetError naming the shard as :func:`split_samples`
+    does, if it cannot be read, or if it holds a different number of samples than `expected_count`
+    (or `info.count`). With `info` (its manifest entry), a shard read through a URL is also checked for
+    its byte size and sha256, hashed from the bytes just read.
     """
     data: bytes | mmap.mmap
     if os.path.isfile(url):  # a local file: map it, and copy only the members that are decoded
         with open(url, "rb") as f:
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
     else:
-        with wds.gopen(url, "rb") as stream:
-            data = stream.read()
-    samples: list[dict] = []
-    current: dict | None = None
-    for path, body in tar_members(data, url):
-        split = member_key(path)
-        if split is None:
-            raise ShardSetError(f"shard {url}: member {path} has no extension")
-        key, ext = split
-        if ext not in MEMBER_EXTENSIONS:
-            raise ShardSetError(
-                f"shard {url}: sample {key} has member(s) {[ext]}; the reader only decodes "
-                f"{sorted(MEMBER_EXTENSIONS)} and never unpickles"
-            )
-        if current is None or current["__key__"] != key:
-            current = {"__key__": key}
-            samples.append(current)
-        current[ext] = body
-    if expected_count is not None and len(samples) != expected_count:
-        raise ShardSetError(f"shard {url}: holds {len(samples)} samples, manifest says {expected_count}")
+        try:
+            data = read_remote(url)
+        except (OSError, ValueError) as exc:
+            raise ShardSetError(f"shard {url}: cannot be read ({exc})") from None
+        if info is not None and (problem := stream_problem(url, data, info)):
+            raise ShardSetError(problem)
+    samples = split_samples(data, url)
+    expected = info.count if info is not None else expected_count
+    if expected is not None and len(samples) != expected:
+        raise ShardSetError(f"shard {url}: holds {len(samples)} samples, manifest says {expected}")
     return samples

@@ -7,6 +7,11 @@ Used by `ldit inspect data --verify` and by the trainer's check before it reads 
   :func:`data_prep.manifest.check_shards`); then the file is mapped once and that one pass gives both
   its sha256 and its sample count (tar headers parsed with :func:`data_prep.shards.tar_members`,
   members grouped into samples by the rule of :func:`data_prep.shards.read_shard`).
+- A remote shard set (a `pipe:` template or a URL, data_prep/manifest.py) has no size to `stat`: each
+  shard is streamed once through webdataset's gopen and its size, sha256, sample count and format are
+  checked on the bytes read (a sizes-only check is impossible without reading the shard).
+- The format checks are :func:`data_prep.shards.split_samples`'s, the reader's own: a tar cut short
+  (no end-of-archive blocks), a sample that lacks a member, a member the reader refuses.
 - :func:`verify_shards` checks many shards on threads (hashlib and file reads release the GIL, so
   threads use every core) with an optional tqdm progress bar on stderr, and returns the messages of
   the bad shards in manifest order.
@@ -18,6 +23,10 @@ Message formats (one line per bad shard; several failed checks of one shard are 
     shard /x/shard-000003.tar: sha256 1234abcd5678ef90…, manifest says 9f8e7d6c5b4a3921… (contents changed)
     shard /x/shard-000003.tar: holds 7 samples, manifest says 8
     shard /x/shard-000003.tar: not a tar file (bad header at byte 0)
+    shard /x/shard-000003.tar: cut short at byte 23552: it ends without the end-of-archive blocks (two
+        512-byte zero blocks), and its last sample s0034 lacks member(s) latent_flip.npy; copy or write
+        the shard again
+    shard pipe:cat /x/shard-000003.tar: cannot be read (the command exited with status 1)
 """
 
 from __future__ import annotations
@@ -28,26 +37,18 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from data_prep.manifest import ShardInfo, ShardSetError, check_shards
-from data_prep.shards import MEMBER_EXTENSIONS, member_key, tar_members
+from data_prep.manifest import ShardInfo, ShardSetError, check_shards, file_url, is_remote, read_remote
+from data_prep.shards import split_samples, stream_problem
 
 
 def _count_samples(data: bytes | mmap.mmap, where: str) -> tuple[int, list[str]]:
-    """(samples, format problems) of a tar in memory: tar headers only, grouped as read_shard groups them."""
-    count, bad, key = 0, [], None
+    """(samples, format problems) of a tar in memory, split by the reader's own rule (split_samples)."""
+    samples: list[dict] = []
     try:
-        for member, _ in tar_members(data, where):
-            split = member_key(member)
-            if split is None:
-                bad.append(f"member {member} has no extension")
-                continue
-            if split[1] not in MEMBER_EXTENSIONS:
-                bad.append(f"member {member} is not part of the shard format (the reader refuses it)")
-            if split[0] != key:  # a new sample starts where the key changes (read_shard's rule)
-                key, count = split[0], count + 1
+        split_samples(data, where, into=samples)
     except ShardSetError as exc:
-        bad.append(str(exc).removeprefix(f"shard {where}: "))
-    return count, bad
+        return len(samples), [str(exc).removeprefix(f"shard {where}: ")]
+    return len(samples), []
 
 
 def _read_once(path: Path) -> tuple[str, int, list[str]]:
@@ -61,24 +62,43 @@ def _read_once(path: Path) -> tuple[str, int, list[str]]:
         return digest, count, bad
 
 
+def _stream_once(url: str, info: ShardInfo) -> tuple[str, int, list[str]] | str:
+    """(sha256, sample count, format problems) of a remote shard streamed once, or the message of a shard
+    that cannot be read or has the wrong size."""
+    try:
+        data = read_remote(url)
+    except (OSError, ValueError) as exc:
+        return f"shard {url}: cannot be read ({exc})"
+    if len(data) != info.bytes:
+        return stream_problem(url, data, info) or ""
+    return hashlib.sha256(data).hexdigest(), *_count_samples(data, url)
+
+
 def verify_shard(folder: str | Path, info: ShardInfo) -> str | None:
-    """Check one shard file against its manifest entry: exists, size, sha256 and sample count.
+    """Check one shard file against its manifest entry: exists, size, sha256, sample count and format.
 
     Returns None when the shard is intact, else one line naming the shard file and every check that
     failed, e.g. "shard /x/shard-000003.tar: holds 7 samples, manifest says 8". `folder` is a local
-    folder (a `pipe:` URL cannot be verified).
+    folder or a remote shard set, whose shard is streamed once (module docstring).
     """
-    if problem := check_shards(folder, [info], hashes=False, threads=1):  # missing / wrong size: no read
-        return problem[0]
-    path = Path(folder) / info.name
-    digest, count, bad = _read_once(path)
+    if is_remote(folder):
+        where = file_url(folder, info.name)
+        read = _stream_once(where, info)
+        if isinstance(read, str):
+            return read
+        digest, count, bad = read
+    else:
+        if problem := check_shards(folder, [info], hashes=False, threads=1):  # missing / wrong size: no read
+            return problem[0]
+        where = str(Path(folder) / info.name)
+        digest, count, bad = _read_once(Path(where))
     failed = []
     if count != info.count:
         failed.append(f"holds {count} samples, manifest says {info.count}")
     if digest != info.sha256:
         failed.append(f"sha256 {digest[:16]}…, manifest says {info.sha256[:16]}… (contents changed)")
     failed += bad
-    return f"shard {path}: " + "; ".join(failed) if failed else None
+    return f"shard {where}: " + "; ".join(failed) if failed else None
 
 
 def verify_shards(

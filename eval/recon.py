@@ -23,6 +23,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data_prep.images import center_crop_adm, decode_rgb
+from data_prep.manifest import file_url, set_name
 from data_prep.reader import open_shard_set
 from data_prep.shards import read_shard
 from eval.config import EvalConfig
@@ -97,8 +98,7 @@ def evaluate_vavae(cfg: EvalConfig, folder: Path, step: int) -> None:
         )
     if n < 2:
         raise EvalInputError(f"num_samples={n}: rFID needs at least 2 images")
-    set_name = Path(cfg.images).resolve().name
-    name = f"{step_name(step)}_recon_{set_name}_crop{cfg.image_size}_seed{cfg.seed}_n{n}"
+    name = f"{step_name(step)}_recon_{set_name(cfg.images)}_crop{cfg.image_size}_seed{cfg.seed}_n{n}"
     out_dir = cfg.run.dir / "eval" / name
     if already_done(out_dir):
         return
@@ -124,7 +124,7 @@ def evaluate_vavae(cfg: EvalConfig, folder: Path, step: int) -> None:
 
     def compute(i: int) -> Outputs:
         j = shards[i]
-        samples = read_shard(str(Path(cfg.images) / manifest.shards[j].name), manifest.shards[j].count)
+        samples = read_shard(file_url(cfg.images, manifest.shards[j].name), info=manifest.shards[j])
         samples = samples[: takes[j]]
         out: dict[str, list[torch.Tensor]] = {k: [] for k in spec}
         for lo in range(0, len(samples), cfg.batch_size):
@@ -180,6 +180,7 @@ def evaluate_vavae(cfg: EvalConfig, folder: Path, step: int) -> None:
             "batch_size": cfg.batch_size,
             "psnr": "uint8, per image, mean",
             "ssim_lpips_inputs": "uint8 mapped to [-1, 1]",
+            "ssim": "torchmetrics>=1.4 default: 11x11 Gaussian window, sigma 1.5, reflect-padded border",
             "psnr_infinite_images": int(np.isinf(values["psnr"]).sum()),
         },  # fmt: skip
     }

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from data_prep.manifest import file_url
 from data_prep.reader import open_shard_set
 from data_prep.shards import read_shard
 from eval.config import RefStatsConfig
@@ -73,7 +74,7 @@ def run(cfg: RefStatsConfig) -> None:
     def compute(j: int) -> Outputs:
         shard = manifest.shards[j]
         images = np.stack(
-            [crop_uint8(x, s) for x in read_shard(str(Path(cfg.images) / shard.name), shard.count)]
+            [crop_uint8(x, s) for x in read_shard(file_url(cfg.images, shard.name), info=shard)]
         )
         feats: dict[str, list[torch.Tensor]] = {"pool": [], "spatial": []}
         for lo in range(0, len(images), cfg.batch_size):

@@ -6,7 +6,8 @@
     ldit inspect {data,order,checkpoint,run} ...   (read-only; slurm/inspect.py)
 
 The config is loaded and checked before any process starts, so a typo costs a second, not a queue
-wait. Exit codes: 0 done; 2 usage or configuration error (or a job not built yet); 1 the job failed.
+wait. Exit codes: 0 done; 2 usage or configuration error (or a job not built yet); 1 the job failed;
+141 the reader of stdout went away (`ldit … | head`), quietly.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from slurm.config import ConfigError, help_text, to_yaml
 from slurm.jobs import JOBS, Job
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE: the reader of stdout went away (`ldit … | head`); see :func:`console`."""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -38,6 +41,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from models.weights import PretrainedWeightsError
     from trainer.checkpoint import CheckpointWriteError
     from trainer.common import NonFiniteLoss
+    from trainer.export import InitFromError
 
     return (
         ConfigError,
@@ -46,6 +50,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         PretrainedWeightsError,
         NonFiniteLoss,
         CheckpointWriteError,
+        InitFromError,
         FileNotFoundError,
     )
 
@@ -302,9 +307,19 @@ def console() -> None:
 
     A finished distributed run can abort in a gloo thread at interpreter shutdown (ecosystem §8,
     pytorch#190489); leaving with os._exit after flushing avoids it.
+
+    Output into a pipe whose reader has gone (`ldit inspect order … | head`) ends quietly, for every
+    sub-command: the BrokenPipeError is caught here, stdout is pointed at /dev/null (so no later flush
+    fails again), and the exit status is 141 = 128 + SIGPIPE, what a command the signal stopped reports
+    (Python ignores SIGPIPE, so it sees the error instead); a shell pipeline without `pipefail` reports
+    the status of `head`.
     """
-    code = main()
-    sys.stdout.flush()
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
     sys.stderr.flush()
     os._exit(code)
 

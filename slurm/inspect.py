@@ -94,6 +94,13 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _shard_set(location: str) -> str | Path:
+    """A shard set named on the command line: a local folder, or a URL / `pipe:` template kept as written."""
+    from data_prep.manifest import is_remote
+
+    return location if is_remote(location) else Path(location)
+
+
 def _config_dict(files: Sequence[str], overrides: Sequence[str]) -> Any:
     """A `ldit train` config loaded with the project's loader (the schema chosen by its `kind`)."""
     from slurm.jobs import JOBS
@@ -105,12 +112,13 @@ def _config_dict(files: Sequence[str], overrides: Sequence[str]) -> Any:
 
 
 def data_report(
-    folder: Path, verify: bool = False, threads: int = 4, progress: bool = False
+    folder: str | Path, verify: bool = False, threads: int = 4, progress: bool = False
 ) -> dict[str, Any]:
-    """The manifest's summary; with `verify`, every shard's size, sha256 and sample count checked."""
+    """The manifest's summary; with `verify`, every shard's size, sha256 and sample count checked (a
+    remote set's shards streamed and hashed), and a set of no sample is a problem."""
     from dataclasses import asdict
 
-    from data_prep.manifest import load_manifest
+    from data_prep.manifest import empty_problem, load_manifest
 
     m = load_manifest(folder)
     counts = m.counts
@@ -132,6 +140,8 @@ def data_report(
         from data_prep.verify import verify_shards
 
         problems = verify_shards(folder, m.shards, threads, progress)
+        if empty := empty_problem(folder, m):
+            problems.insert(0, empty)
         report["verify"] = {"checked": len(m.shards), "problems": problems}
     return report
 
@@ -173,7 +183,9 @@ def render_data(r: dict[str, Any]) -> str:
     if r["notes"]:
         lines.append("  converted when read: " + ", ".join(f"{k} {v}" for k, v in r["notes"].items()))
     if (v := r.get("verify")) is not None:
-        if v["problems"]:
+        if r["count"] == 0:  # the one problem of a set of no sample (data_prep.manifest.empty_problem)
+            lines += [f"verify: {p}" for p in v["problems"]]
+        elif v["problems"]:
             lines.append(f"verify: {len(v['problems'])} of {v['checked']} shards do not match the manifest:")
             lines += [f"  {p}" for p in v["problems"]]
         else:
@@ -182,7 +194,7 @@ def render_data(r: dict[str, Any]) -> str:
 
 
 def _cmd_data(ns: argparse.Namespace) -> int:
-    r = data_report(Path(ns.shards), ns.verify, ns.threads, progress=ns.verify and not ns.no_progress)
+    r = data_report(_shard_set(ns.shards), ns.verify, ns.threads, progress=ns.verify and not ns.no_progress)
     print(json.dumps(r, indent=1) if ns.json else render_data(r))
     return EXIT_PROBLEM if r.get("verify", {}).get("problems") else EXIT_OK
 
@@ -209,7 +221,7 @@ def key_decoder(kind: str) -> Any:
 
 
 def order_report(
-    folder: Path,
+    folder: str | Path,
     *,
     seed: int,
     global_batch: int,
@@ -333,7 +345,7 @@ def _cmd_order(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if ns.rank is not None and not 0 <= ns.rank < ns.world_size:
         parser.error(f"--rank {ns.rank} must be in 0 … {ns.world_size - 1} (--world-size {ns.world_size})")
     r = order_report(
-        Path(shards), seed=seed, global_batch=batch, streams=streams, steps=steps,
+        _shard_set(shards), seed=seed, global_batch=batch, streams=streams, steps=steps,
         world_size=ns.world_size, rank=ns.rank,
     )  # fmt: skip
     print(json.dumps(r, indent=1) if ns.json else render_order(r))
@@ -623,7 +635,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         description="ldit inspect data: kind, count, shards, classes, latent statistics, producer, skipped "
         "inputs. --verify re-reads every shard (size, sha256, sample count); exit status 1 when one is bad.",
     )  # fmt: skip
-    p.add_argument("shards", metavar="SHARDS", help="shard set folder (with manifest.json)")
+    p.add_argument(
+        "shards", metavar="SHARDS", help="shard set folder (with manifest.json), or a URL / pipe: template"
+    )
     p.add_argument("--verify", action="store_true", help="check every shard's size, sha256 and sample count")
     p.add_argument("--threads", type=int, default=4, metavar="N", help="threads of --verify (default 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -114,3 +114,37 @@ def test_status_of_a_run_without_slurm(tmp_path, capsys):
     ]
     assert main(["status", str(tmp_path / "missing")]) == 1
     assert f"run directory {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["head", "closed"])
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path, how):
+    """Issue #15: `ldit inspect order … | head` ended in a BrokenPipeError traceback. Now: nothing on
+    stderr and exit status 141 (128 + SIGPIPE, as a tool the signal stopped), for every sub-command."""
+    from tests.conftest import clean_env
+    from tests.data_fixtures import latent_set
+
+    latent_set(tmp_path / "set")
+    flags = [
+        "--seed",
+        "0",
+        "--global-batch",
+        "12",
+        "--streams",
+        "4",
+        "--steps",
+        "0:400",
+    ]  # ~4,800 lines: more than a pipe holds
+    cmd = [sys.executable, "-m", "slurm.cli", "inspect", "order", str(tmp_path / "set"), *flags]
+    if how == "head":
+        script = " ".join(f"'{a}'" for a in cmd) + ' | head -1; echo "status ${PIPESTATUS[0]}" >&2'
+        proc = subprocess.run(
+            ["bash", "-c", script], cwd=ROOT, env=clean_env(), capture_output=True, text=True
+        )
+        assert proc.stdout.startswith("order of ") and proc.stdout.count("\n") == 1
+        assert proc.stderr == "status 141\n"
+        return
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"order of ")
+    proc.stdout.close()  # the reader goes away while the command is still writing
+    _, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err) == (141, b"")

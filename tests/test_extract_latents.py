@@ -143,3 +143,20 @@ def test_refuses_to_overwrite_and_names_missing_inputs(inputs):
     assert proc.returncode == 1 and "already holds a finished shard set" in proc.stderr
     proc = ldit("extract-latents", f"images={tmp / 'nope'}", f"vavae={tmp / 'vavae'}", f"out={tmp / 'x'}")
     assert proc.returncode == 1 and f"{tmp / 'nope'}: no manifest.json" in proc.stderr
+
+
+def test_empty_source_is_named(inputs, tmp_path):
+    """Issue #15: a 0-sample image set (as prep-images used to write) died in `records[0]` with IndexError."""
+    from data_prep.manifest import ClassInfo, Manifest
+
+    tmp, _ = inputs
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    Manifest("images", [], [ClassInfo("n0", 0, "n0")]).save(empty)
+    proc = ldit("extract-latents", f"images={empty}", f"vavae={tmp / 'vavae'}", f"out={tmp_path / 'lat'}")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr == (
+        f"ldit extract-latents: error: {empty}: the shard set holds 0 samples (0 shards in its manifest): "
+        "nothing can be read from it; write it again with `ldit prep-images` from a folder of readable images\n"
+    )
+    assert not (tmp_path / "lat").exists()

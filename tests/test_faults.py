@@ -149,8 +149,8 @@ def kill_job(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_sigkilled_rank_fails_the_other_and_the_run_resumes(latents, reference, tmp_path):
-    """Rank 1 dies mid-run (SIGKILL): rank 0 exits non-zero on its own well within the collective time-out."""
-    timeout = 20
+    """Rank 1 dies mid-run (SIGKILL): rank 0 exits non-zero on its own, well before the collective time-out."""
+    timeout = 60
     out = tmp_path / "out"
     ranks = start_ranks(cmd(latents, tmp_path, "dead", "steps=100000", "ckpt.every=2", f"collective_timeout_s={timeout}"), out)  # fmt: skip
     wait_until(lambda: logged_steps(tmp_path, "dead") >= 5, ranks, what="5 steps")
@@ -163,7 +163,7 @@ def test_sigkilled_rank_fails_the_other_and_the_run_resumes(latents, reference, 
         f"rank 0 exited {ranks[0].returncode} {elapsed:.1f} s after rank 1 was killed (time-out {timeout} s)"
     )
     assert ranks[0].returncode != 0 and ranks[1].returncode == -signal.SIGKILL
-    assert elapsed < timeout + 10
+    assert elapsed < 20  # a third of the time-out: the peer's death is seen, not waited out
     assert "by peer" in rank_output(out, 0)  # gloo: "Connection reset by peer" (or "closed by peer")
     step = int(published(tmp_path, "dead").removeprefix("step-"))
     assert step >= 4
@@ -233,6 +233,7 @@ def test_job_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_on
     n = min(step + 2, REF_STEPS)
     assert losses(tmp_path, "mid")[:n] == ref_losses(reference)[:n]
     assert (ckpt_dir(tmp_path, "mid", step + 2) / "meta.json").is_file()
+    assert (victim / "meta.json").is_file(), "the step whose save was killed is written again (keep_last=2)"
 
 
 @pytest.mark.slow
@@ -472,6 +473,7 @@ def test_write_failure_on_one_rank_is_agreed_and_keeps_the_previous_checkpoint(l
         assert f"ldit train: error: writing checkpoint {path} failed on rank 1: RuntimeError: " in text
         assert "Traceback" not in text
         assert "this process may write files of at most 65536 bytes (ulimit -f)). " in text
+        assert " MiB free on the filesystem of " in text
         assert "Removed the partial checkpoint; latest still names step-00000002" in text
     assert not path.exists() and published(tmp_path, "full") == "step-00000002"
     proc = train(latents, tmp_path, "full", "steps=4", "ckpt.every=2")
@@ -519,6 +521,10 @@ PREFLIGHT = {
         "micro_batch=3 must divide the per-rank batch 8 (data.global_batch=16 / world size 2)",
     ),
     "missing": (["data.shards={nowhere}", "--local", "2"], "data.shards={nowhere}: no such folder"),
+    "shards": (
+        ["data.shards={latents}", "data.streams=16", "--local", "1"],
+        "data.shards={latents} has 12 shards, fewer than data.streams=16",
+    ),
     "stats": (
         ["data.shards={nostats}", "--local", "2"],
         "{nostats}/manifest.json has no latent statistics (latent.mean and latent.std, one per channel of [4, 4, 4])",
@@ -547,6 +553,20 @@ def test_config_errors_are_caught_before_any_process_starts(bad_inputs, case, tm
     err = capsys.readouterr().err
     assert err.startswith("ldit train: config error: 1 problem(s) found before starting:\n  ")
     assert message.format(**bad_inputs) in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_every_problem_is_listed_at_once(bad_inputs, tmp_path, capsys):
+    """Two problems at once (a world size, a manifest without statistics) are both listed in one error."""
+    import slurm.cli
+
+    argv = ["train", CONFIG, f"run.root={tmp_path}", "run.name=x", f"data.shards={bad_inputs['nostats']}",
+            "--local", "3"]  # fmt: skip
+    assert slurm.cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ldit train: config error: 2 problem(s) found before starting:\n  ")
+    for message in (PREFLIGHT["world"][1], "has no latent statistics"):
+        assert message in err, message
     assert not (tmp_path / "x").exists()
 
 
@@ -591,3 +611,189 @@ def test_exports_and_ema_are_safetensors(reference):
                        "model/zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng-rank0.pt", "rng-rank1.pt"]  # fmt: skip
     assert json.loads((ck / "meta.json").read_text())["step"] == REF_STEPS
     assert [e["step"] for e in log(reference.parent, "ref")] == list(range(1, REF_STEPS + 1))
+
+
+# ------------------------------------------------------------------------------- export chain (issue #15)
+
+
+@pytest.mark.slow
+def test_export_chain_carries_the_discriminator_and_projection_or_refuses(tmp_path):
+    """A VA-VAE stage started from `ldit export` of the previous stage's checkpoint starts with its
+    discriminator and VF projection; the same export copied without training_extras.safetensors is
+    refused in one line, before any engine or checkpoint exists (reference §1.4: stages chain)."""
+    from models.weights import read_state_dict
+    from tests.test_train_vavae import (
+        DISC_PREFIX,
+        TRAINING_EXTRAS,
+        engine_module,
+        ldit_export,
+        train,
+        train_proc,
+        vavae_inputs,
+    )  # fmt: skip
+
+    inputs = vavae_inputs(tmp_path)
+    train(inputs, "prev", "steps=2", "loss.disc_start=1", "ckpt.every=2", "log.sample_every=0")
+    shutil.rmtree(inputs / "runs" / "prev" / "export")  # only `ldit export` writes what the next stage reads
+    ldit_export(inputs / "runs", "prev", 2)
+    src = inputs / "runs" / "prev" / "export" / "latest"
+    extras = read_state_dict(src / TRAINING_EXTRAS)
+    out = train(
+        inputs, "next", f"init_from={src}", "optim.lr=0", "steps=1", "loss.disc_start=1", "log.sample_every=0"
+    )
+    assert f"initialised autoencoder, linear_proj, discriminator from {src}\n" in out
+    # lr 0: after its one step each engine still holds the weights it started from
+    ae, disc = (engine_module(inputs / "runs" / "next", 1, e) for e in ("autoencoder", "discriminator"))
+    assert torch.equal(ae["linear_proj.weight"], extras["linear_proj.weight"])
+    d_params = [
+        k for k in extras if k.startswith(DISC_PREFIX) and "running_" not in k and "num_batches" not in k
+    ]
+    assert len(d_params) == 13
+    assert all(torch.equal(disc["discriminator." + k.removeprefix(DISC_PREFIX)], extras[k]) for k in d_params)
+    bare = tmp_path / "copied-without-extras"
+    shutil.copytree(src, bare)
+    (bare / TRAINING_EXTRAS).unlink()
+    proc = train_proc(inputs, "refused", f"init_from={bare}", "loss.disc_start=1", "steps=2", local=1)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (
+        f"ldit train: error: init_from={bare} lacks what this stage uses, which would start from random weights: "
+        "the linear_proj (linear_proj.weight), as the VF loss is on (loss.use_vf=true, loss.vf_weight=0.1); the "
+        "discriminator (loss.discriminator.*), as the GAN is on from iteration 0 of steps=2 (loss.disc_start=1 on "
+        f"the lightning clock). Looked in {bare / TRAINING_EXTRAS}: the file does not exist."
+    ) in proc.stderr
+    assert not (inputs / "runs" / "refused" / "checkpoints").exists()
+
+
+# ------------------------------------------- issue #15: empty input, cut tar, remote shard set (Reliability rows)
+
+
+def test_empty_input_is_refused_by_every_step(latents, tmp_path):
+    """Empty input: prep-images over a class folder of three unreadable files exits 1 with one line naming
+    the folder and the three reasons, and writes nothing; a 0-sample shard set (as it used to write) fails
+    `inspect data --verify` and stops `ldit train` before any process starts."""
+    import numpy as np
+
+    from data_prep.manifest import ClassInfo, LatentInfo, Manifest
+    from tests.data_fixtures import png_bytes
+
+    src = tmp_path / "src"
+    (src / "n01440764").mkdir(parents=True)
+    (src / "n01440764" / "a.JPEG").write_bytes(b"")
+    (src / "n01440764" / "b.JPEG").write_bytes(np.random.default_rng(0).bytes(500))
+    png = png_bytes(np.random.default_rng(1), (64, 64))
+    (src / "n01440764" / "c.JPEG").write_bytes(png[: len(png) // 2])
+    out = tmp_path / "out"
+
+    def ldit(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "slurm.cli", *map(str, args)]
+        return subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+
+    proc = ldit("prep-images", f"src={src}", f"out={out}")
+    assert proc.returncode == 1, proc.stdout
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("ldit")]  # (beside tqdm's bar)
+    assert line.startswith(
+        f"ldit prep-images: error: no readable image in {src}: all 3 files of its 1 class folder(s) were skipped "
+        "(n01440764/a.JPEG: empty file; n01440764/b.JPEG: not an image (unrecognised format); "
+        "n01440764/c.JPEG: corrupt or truncated PNG: "
+    )
+    assert line.endswith(
+        f"); nothing was written to {out}. Put JPEG or PNG images in the class folders of src="
+    )
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    latent = LatentInfo((4, 4, 4), "float32", (0.0,) * 4, (1.0,) * 4)
+    Manifest("latents", [], [ClassInfo("c0", 0, "c0")], latent=latent).save(empty)
+    message = (
+        f"{empty}: the shard set holds 0 samples (0 shards in its manifest): nothing can be read from it; "
+        "write it again with `ldit extract-latents` from an image shard set that holds samples"
+    )
+    proc = ldit("inspect", "data", empty, "--verify", "--no-progress")
+    assert proc.returncode == 1 and proc.stdout.splitlines()[-1] == f"verify: {message}"
+    proc = train(empty, tmp_path, "on-empty", "steps=2", check=False)
+    assert proc.returncode == 2
+    assert (
+        proc.stderr
+        == f"ldit train: config error: 1 problem(s) found before starting:\n  data.shards: {message}\n"
+    )
+    assert not (tmp_path / "on-empty").exists()
+
+
+@pytest.mark.slow
+def test_cut_tar_is_named_by_the_verify_and_by_the_reader(latents, tmp_path):
+    """Cut tar: shard 4 cut before its last member, the manifest's size and sha256 updated to the cut file
+    (as a copy tool that re-hashed would). `data.verify=sha256` stops every rank before training, naming the
+    shard, its last sample and the missing member; with `size` the reader names it when it reaches it."""
+    import dataclasses
+    import tarfile
+
+    from data_prep.manifest import sha256_file
+
+    folder = tmp_path / "set"
+    shutil.copytree(latents, folder)
+    m = load_manifest(folder)
+    path = folder / m.shards[4].name
+    with tarfile.open(path) as tf:
+        last = tf.getmembers()[-1]
+    path.write_bytes(path.read_bytes()[: last.offset])
+    m.shards[4] = dataclasses.replace(m.shards[4], bytes=last.offset, sha256=sha256_file(path))
+    m.save(folder)
+    message = (
+        f"shard {path}: cut short at byte {last.offset}: it ends without the end-of-archive blocks (two 512-byte "
+        f"zero blocks), and its last sample {last.name.split('.')[0]} lacks member(s) latent_flip.npy; copy or "
+        "write the shard again"
+    )
+    proc = train(folder, tmp_path, "sha", "steps=6", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"1 of 12 shards of {folder} do not match the manifest (data.verify=sha256); nothing was trained:\n  {message}\n" in proc.stderr  # fmt: skip
+    assert not (tmp_path / "sha" / "log.jsonl").exists()
+    proc = train(
+        folder, tmp_path, "size", "steps=6", "data.verify=size", check=False
+    )  # 6 steps read every shard
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"ldit train: error: {message}\n" in proc.stderr
+
+
+@pytest.mark.slow
+def test_remote_shard_set_trains_like_the_local_folder(latents, tmp_path, monkeypatch):
+    """Remote shard set: `data.shards=pipe:cat FOLDER/{}` trains to exactly the losses of the folder itself,
+    `inspect data --verify` streams and hashes every shard of it, and a manifest whose shard name holds shell
+    characters is refused, naming it, before any shell sees it."""
+    import json
+
+    pipe = f"pipe:cat {latents}/{{}}"
+    train(latents, tmp_path, "local", "steps=4")
+    proc = train(pipe, tmp_path, "pipe", "steps=4")
+    assert f"verified 12 shards of {pipe} (data.verify=sha256, 2 rank(s))" in proc.stdout  # streamed, hashed
+    assert len(losses(tmp_path, "local")) == 4
+    assert losses(tmp_path, "pipe") == losses(tmp_path, "local")
+    cmd = [sys.executable, "-m", "slurm.cli", "inspect", "data", pipe, "--verify", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "verify: all 12 shards verified (size, sha256, sample count)"
+
+    evil = tmp_path / "evil"
+    shutil.copytree(latents, evil)
+    raw = json.loads((evil / "manifest.json").read_text())
+    raw["shards"][0]["name"] = "x.tar;touch $LDIT_MARKER"
+    (evil / "manifest.json").write_text(json.dumps(raw))
+    monkeypatch.setenv("LDIT_MARKER", str(tmp_path / "MARKER"))
+    proc = train(f"pipe:cat {evil}/{{}}", tmp_path, "evil", "steps=1", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"ldit train: config error: 1 problem(s) found before starting:\n  data.shards: pipe:cat {evil}/manifest.json: "
+        "shard name 'x.tar;touch $LDIT_MARKER' is not a plain file name (only letters, digits, '.', '_' and '-'; "
+        "no path separator, no '..', no shell character): refusing to open it\n"
+    )
+    assert not (tmp_path / "MARKER").exists()
+
+
+def test_groups_made_later_take_the_collective_timeout(world_of_one):
+    """DeepSpeed makes its own groups with new_group(), which take torch's module default (30 min for gloo)
+    unless init_distributed made `collective_timeout_s` that default: the fix behind the hung-rank row."""
+    from datetime import timedelta
+
+    import torch.distributed.distributed_c10d as c10d
+
+    assert c10d.default_pg_timeout == timedelta(seconds=60)

@@ -373,3 +373,18 @@ def test_run_is_what_status_prints(run, capsys):
         "loss/cos",
     }
     assert r["export"] == "step-00000004" and r["jobs"] is None
+
+
+def test_verify_fails_a_set_of_no_sample(tmp_path, capsys):
+    """Issue #15: `inspect data --verify` passed the 0-shard manifest an all-skipped prep-images wrote."""
+    from data_prep.manifest import ClassInfo, Manifest
+
+    Manifest("images", [], [ClassInfo("n0", 0, "n0")]).save(tmp_path)
+    code, out, err = inspect(capsys, "data", tmp_path, "--verify", "--no-progress")
+    assert code == 1 and err == ""
+    assert out.splitlines()[-1] == (
+        f"verify: {tmp_path}: the shard set holds 0 samples (0 shards in its manifest): nothing can be read "
+        "from it; write it again with `ldit prep-images` from a folder of readable images"
+    )
+    code, out, _ = inspect(capsys, "data", tmp_path)  # without --verify the summary is shown, exit 0
+    assert code == 0 and "  images: 0 samples in 0 shards" in out

@@ -12,10 +12,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_prep.images import center_crop_adm, decode_rgb, inspect_image, random_crop
+from data_prep.images import BadImage, center_crop_adm, decode_rgb, inspect_image, random_crop
 from data_prep.manifest import load_manifest
 from tests.conftest import ROOT, clean_env
-from tests.data_fixtures import imagenet_folder
+from tests.data_fixtures import imagenet_folder, jpeg_bytes
 
 
 @pytest.fixture(scope="module")
@@ -151,5 +151,86 @@ def test_adm_center_crop_and_random_crop():
     assert np.array_equal(np.asarray(out), np.asarray(ref))
     rc = random_crop(im, 64, (0.0, 0.999))
     assert rc.size == (64, 64)
-    small = im.resize((117, 64), resample=Image.BILINEAR)
+    from data_prep.images import smallest_max_size
+
+    small = smallest_max_size(im, 64)  # cv2.INTER_LINEAR, as albumentations (tests/test_vavae.py)
+    assert small.size == (117, 64)
     assert np.array_equal(np.asarray(rc), np.asarray(small.crop((0, 0, 64, 64))))
+
+
+# ------------------------------------------------------------------------------------ empty results
+
+
+def unreadable_folder(root):
+    """One class folder holding three files none of which is a readable image; their skip reasons."""
+    rng = np.random.default_rng(1)
+    (root / "n01440764").mkdir(parents=True)
+    good = jpeg_bytes(rng, size=(64, 64))
+    files = {
+        "n01440764/a.JPEG": b"",
+        "n01440764/b.JPEG": rng.integers(0, 256, 500, dtype=np.uint8).tobytes(),
+        "n01440764/c.JPEG": good[: len(good) // 2],
+    }
+    reasons = {}
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+        try:
+            inspect_image(data, rel)
+        except BadImage as exc:
+            reasons[rel] = str(exc)
+    assert len(reasons) == 3
+    return root, reasons
+
+
+def test_folder_of_unreadable_files_exits_1_in_one_line_and_writes_nothing(tmp_path):
+    """Issue #15: it used to exit 0 with a 0-shard manifest that every later step trusted."""
+    src, reasons = unreadable_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    proc = ldit("prep-images", f"src={src}", f"out={out}")
+    listing = "; ".join(f"{p}: {r}" for p, r in sorted(reasons.items()))
+    assert proc.returncode == 1, proc.stdout
+    assert [line for line in proc.stderr.splitlines() if line.startswith("ldit")] == [  # (and tqdm's bar)
+        f"ldit prep-images: error: no readable image in {src}: all 3 files of its 1 class folder(s) were "
+        f"skipped ({listing}); nothing was written to {out}. Put JPEG or PNG images in the class folders of src="
+    ]
+    assert proc.stderr.endswith("src=\n") and "Traceback" not in proc.stderr
+    assert reasons["n01440764/a.JPEG"] == "empty file"
+    assert reasons["n01440764/b.JPEG"] == "not an image (unrecognised format)"
+    assert reasons["n01440764/c.JPEG"].startswith("corrupt or truncated JPEG")
+    assert not out.exists()  # no manifest, no empty shard, not even the folder
+
+
+def test_every_file_skipped_on_two_ranks_writes_nothing(tmp_path):
+    """Five bad images and a text file over three shards written by two ranks: exit 1 and no shard or
+    manifest left behind; a folder that existed before is kept, and what it held is untouched."""
+    src, reasons = unreadable_folder(tmp_path / "src")
+    rng = np.random.default_rng(2)
+    (src / "n01443537").mkdir()
+    for i in range(2):
+        (src / "n01443537" / f"g{i}.JPEG").write_bytes(rng.integers(0, 256, 300, dtype=np.uint8).tobytes())
+    (src / "n01443537" / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README").write_text("mine")
+    proc = ldit("prep-images", f"src={src}", f"out={out}", "shard_samples=2", "--local", "2")
+    assert proc.returncode == 1, proc.stdout
+    line = (
+        f"ldit prep-images: error: no readable image in {src}: all 6 files of its 2 class folder(s) were "
+        "skipped (corrupt or truncated JPEG: 1, empty file: 1, extension not in ['.jpeg', '.jpg', '.png']: 1, "
+        f"not an image (unrecognised format): 3; e.g. n01440764/a.JPEG: empty file); nothing was written to "
+        f"{out}. Put JPEG or PNG images in the class folders of src=\n"
+    )
+    assert line in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["README"] and (out / "README").read_text() == "mine"
+
+
+def test_class_folders_without_files_are_an_error(tmp_path):
+    (tmp_path / "src" / "n0").mkdir(parents=True)
+    (tmp_path / "src" / "n1").mkdir()
+    proc = ldit("prep-images", f"src={tmp_path / 'src'}", f"out={tmp_path / 'out'}")
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"ldit prep-images: error: no readable image in {tmp_path / 'src'}: its 2 class folder(s) hold no "
+        f"file; nothing was written to {tmp_path / 'out'}. Put JPEG or PNG images in the class folders of src=\n"
+    )
+    assert not (tmp_path / "out").exists()

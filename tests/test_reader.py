@@ -233,3 +233,111 @@ def test_plan_rejects_impossible_settings():
         StreamPlan((3,) * 3, 0, 12, 4)
     with pytest.raises(ShardSetError, match="world size 3 must divide the stream count 4"):
         StreamPlan((3,) * 8, 0, 12, 4).rank_streams(0, 3)
+    with pytest.raises(ShardSetError) as err:  # issue #15: it blamed the streams
+        StreamPlan((), 0, 12, 4)
+    assert (
+        str(err.value)
+        == "the shard set holds 0 samples (0 shards in its manifest): nothing can be read from it"
+    )
+
+
+# --------------------------------------------------------------------------------------- remote shard sets
+
+
+def test_pipe_and_file_url_shard_sets_read_like_the_folder(shard_set):
+    """A shard set given as `pipe:cat FOLDER/{}` or `file://FOLDER`: the same manifest, the same batches."""
+    from data_prep.manifest import file_url
+
+    pipe, url = f"pipe:cat {shard_set}/{{}}", f"file://{shard_set}"
+    assert file_url(pipe, "shard-000003.tar") == f"pipe:cat {shard_set}/shard-000003.tar"
+    assert file_url(url, "manifest.json") == f"file://{shard_set}/manifest.json"
+    assert file_url("https://host/set/", "shard-000003.tar") == "https://host/set/shard-000003.tar"
+    local = load_manifest(shard_set)
+    assert load_manifest(pipe, "latents") == load_manifest(url, "latents") == local
+    want = baseline(shard_set, steps=6)
+    assert baseline(pipe, steps=6) == baseline(url, steps=6) == want
+
+    def first_x(where):
+        reader = StreamReader(where, local, seed=SEED, global_batch=B, streams=V, rank=0, world_size=1,
+                              decode=latent_decoder())  # fmt: skip
+        return next(iter(reader.batches(3))).x
+
+    assert torch.equal(first_x(pipe), first_x(shard_set))
+
+
+@pytest.mark.parametrize(
+    "name", ["x.tar;touch $LDIT_MARKER", "$(touch $LDIT_MARKER).tar", "../x.tar", "sub/x.tar", ".."]
+)
+def test_shard_name_that_is_not_a_plain_file_name_is_refused_before_any_shell(
+    shard_set, tmp_path, monkeypatch, name
+):
+    import contextlib
+    import json
+
+    import webdataset as wds
+
+    marker = tmp_path / "MARKER"
+    monkeypatch.setenv("LDIT_MARKER", str(marker))
+    folder = tmp_path / "set"
+    shutil.copytree(shard_set, folder)
+    raw = json.loads((folder / "manifest.json").read_text())
+    raw["shards"][3]["name"] = name
+    (folder / "manifest.json").write_text(json.dumps(raw))
+    for where, manifest in [
+        (f"pipe:cat {folder}/{{}}", f"pipe:cat {folder}/manifest.json"),
+        (str(folder), str(folder / "manifest.json")),
+    ]:
+        with pytest.raises(ShardSetError) as err:
+            load_manifest(where)
+        assert str(err.value) == (
+            f"{manifest}: shard name {name!r} is not a plain file name (only letters, digits, '.', '_' and "
+            "'-'; no path separator, no '..', no shell character): refusing to open it"
+        )
+    assert not marker.exists()
+    if "touch" in name:  # what the check prevents: the same name in the pipe runs the shell's command
+        with contextlib.suppress(OSError), wds.gopen(f"pipe:cat {folder}/{name}") as stream:
+            stream.read()  # (cat itself may fail: the shell has run the command all the same)
+        assert marker.exists()
+
+
+def test_remote_set_errors_name_the_url(shard_set, tmp_path):
+    with pytest.raises(ShardSetError) as err:
+        load_manifest(f"pipe:cat {shard_set}")
+    assert str(err.value) == (
+        f"pipe:cat {shard_set}: a pipe: shard set names its files with {{}}, which is replaced by manifest.json "
+        "and by each shard's name (e.g. pipe:aws s3 cp s3://bucket/set/{} -)"
+    )
+    with pytest.raises(ShardSetError) as err:
+        load_manifest(f"pipe:cat {tmp_path}/{{}}")
+    assert str(err.value).startswith(
+        f"pipe:cat {tmp_path}/{{}}: cannot read manifest.json through pipe:cat {tmp_path}/manifest.json ("
+    )
+
+
+def test_remote_shards_are_verified_while_streamed(shard_set, tmp_path):
+    """`verify_shards` and the reader hash a remote shard as they read it: a same-size change is named."""
+    from data_prep.manifest import sha256_file
+    from data_prep.verify import verify_shards
+
+    folder = tmp_path / "set"
+    shutil.copytree(shard_set, folder)
+    m = load_manifest(folder)
+    s2 = folder / m.shards[2].name
+    data = bytearray(s2.read_bytes())
+    data[data.index(b"\x93NUMPY") + 130] ^= 0x01  # one latent value: same size, still a tar
+    s2.write_bytes(bytes(data))
+    (folder / m.shards[7].name).unlink()
+    pipe = f"pipe:cat {folder}/{{}}"
+    url2, url7 = f"pipe:cat {s2}", f"pipe:cat {folder / m.shards[7].name}"
+    sha = f"sha256 {sha256_file(s2)[:16]}…, manifest says {m.shards[2].sha256[:16]}… (contents changed)"
+    problems = verify_shards(pipe, m.shards)
+    assert len(problems) == 2
+    assert problems[0] == f"shard {url2}: {sha}"
+    assert problems[1].startswith(f"shard {url7}: cannot be read (")
+    reader = StreamReader(pipe, load_manifest(pipe), seed=SEED, global_batch=B, streams=V, rank=0,
+                          world_size=1, decode=latent_decoder())  # fmt: skip
+    with pytest.raises(ShardSetError) as err:
+        for _ in reader.batches(0):
+            pass
+    msg = str(err.value)  # whichever of the two bad shards the stream reaches first
+    assert msg == f"shard {url2}: {sha}" or msg.startswith(f"shard {url7}: cannot be read ("), msg

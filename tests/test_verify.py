@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from data_prep.manifest import load_manifest, sha256_file
-from data_prep.shards import write_shard
+from data_prep.shards import encode_npy, write_shard
 from data_prep.verify import verify_shard, verify_shards
 from tests.data_fixtures import latent_set
 
@@ -25,7 +27,11 @@ def test_each_failed_check_is_named(tmp_path):
     data[700] ^= 0xFF  # inside the first member's body: same size, still a tar
     s[2].write_bytes(bytes(data))
     # shard 3 rewritten with one sample fewer, and the manifest's size and sha256 updated (count kept)
-    rows = [{"__key__": f"x{i}", "cls": b"0"} for i in range(m.shards[3].count - 1)]
+    a = encode_npy(np.zeros((4, 2, 2), np.float32))
+    rows = [
+        {"__key__": f"x{i}", "latent.npy": a, "latent_flip.npy": a, "cls": b"0"}
+        for i in range(m.shards[3].count - 1)
+    ]
     m.shards[3] = dataclasses.replace(write_shard(s[3], rows), count=m.shards[3].count)
     s[4].write_bytes(b"junk" * (m.shards[4].bytes // 4))  # same size, not a tar
     probs = verify_shards(tmp_path, m.shards, threads=2)

@@ -11,6 +11,13 @@
   every rank stops with the list of bad shards and the check each failed; with `skip` they are left
   out and logged, and the reader plans over the remaining shards only (the stream plan is a pure
   function of their counts, so the elastic invariants hold for the reduced set).
+
+A shard set that holds no sample is refused by both. A remote set (`data.shards` a `pipe:` template or a
+URL, data_prep/manifest.py) has its manifest read through the same opener. Its shards have no size to
+`stat`, so `data.verify=sha256` streams each shard once before the first step (the ranks split them) and
+checks size, sha256, sample count and format on the bytes read; `data.verify=size` skips that pass.
+Either way the reader checks each remote shard's size, sha256 and count again as it streams it for
+training (hashing the bytes in memory, no second read), so a shard changed since is named when read.
 """
 
 from __future__ import annotations
@@ -19,7 +26,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from data_prep.manifest import Kind, Manifest, ShardSetError, check_shards, load_manifest
+from data_prep.manifest import (
+    MANIFEST,
+    Kind,
+    Manifest,
+    ShardSetError,
+    check_shards,
+    empty_problem,
+    file_url,
+    is_remote,
+    load_manifest,
+)
 from trainer.config import StreamConfig, TrainCommon, world_size_problems
 
 
@@ -35,9 +52,9 @@ def check_train_config(cfg: TrainCommon, world_size: int) -> None:
     """
     found = world_size_problems(cfg.data.global_batch, cfg.data.streams, cfg.micro_batch, world_size)
     kind: Kind = "latents" if cfg.kind == "dit" else "images"
-    shards = Path(cfg.data.shards)
+    shards = cfg.data.shards
     manifest = None
-    if not shards.is_dir():
+    if not is_remote(shards) and not Path(shards).is_dir():
         found.append(f"data.shards={cfg.data.shards}: no such folder (a shard set written by `ldit prep-images` "
                      "or `ldit extract-latents`)")  # fmt: skip
     else:
@@ -45,7 +62,9 @@ def check_train_config(cfg: TrainCommon, world_size: int) -> None:
             manifest = load_manifest(shards, kind)
         except ShardSetError as exc:
             found.append(f"data.shards: {exc}")
-    if manifest is not None:
+    if manifest is not None and (empty := empty_problem(shards, manifest)):
+        found.append(f"data.shards: {empty}")
+    elif manifest is not None:
         if len(manifest.shards) < cfg.data.streams:
             found.append(
                 f"data.shards={cfg.data.shards} has {len(manifest.shards)} shards, fewer than data.streams="
@@ -59,7 +78,7 @@ def check_train_config(cfg: TrainCommon, world_size: int) -> None:
 
 def _latent_problems(cfg: TrainCommon, manifest: Manifest) -> list[str]:
     """The latents must carry their statistics, be square, and match the VA-VAE that decodes the grids."""
-    where = Path(cfg.data.shards) / "manifest.json"
+    where = file_url(cfg.data.shards, MANIFEST)
     lat = manifest.latent
     if lat is None:
         return [f"{where} has no latent section (shape, dtype, mean, std); rerun `ldit extract-latents`"]
@@ -77,11 +96,13 @@ def _latent_problems(cfg: TrainCommon, manifest: Manifest) -> list[str]:
         )
     vavae = getattr(cfg, "vavae", "")
     if vavae and len(lat.shape) == 3:
-        found += _vavae_problems(vavae, lat.shape, manifest, where)
+        found += _vavae_problems(vavae, lat.shape, manifest, where, cfg.data.shards)
     return found
 
 
-def _vavae_problems(vavae: str, shape: tuple[int, ...], manifest: Manifest, where: Path) -> list[str]:
+def _vavae_problems(
+    vavae: str, shape: tuple[int, ...], manifest: Manifest, where: str, shards: str
+) -> list[str]:
     from models.export import read_meta
     from models.vavae import autoencoder_args
 
@@ -98,18 +119,19 @@ def _vavae_problems(vavae: str, shape: tuple[int, ...], manifest: Manifest, wher
     else:
         return [f"vavae={vavae}: no such export folder or checkpoint file"]
     factor = 2 ** (len(args.ch_mult) - 1)
+    manifest_folder = shards if is_remote(shards) else Path(shards)  # the shard set
     found = []
     if args.embed_dim != shape[0]:
         found.append(
             f"vavae={vavae} makes latents of {args.embed_dim} channels (f{factor}), but the latents of "
-            f"{where.parent} have shape {list(shape)}: set vavae to the VA-VAE that produced them "
+            f"{manifest_folder} have shape {list(shape)}: set vavae to the VA-VAE that produced them "
             f"(its sha256 is in {where}: producer.vavae_sha256) or leave it empty"
         )
     image_size = manifest.producer.get("config", {}).get("image_size")
     if isinstance(image_size, int) and image_size // factor != shape[1]:
         found.append(
             f"vavae={vavae} downsamples by {factor}: {image_size}px images give {image_size // factor}x"
-            f"{image_size // factor} latents, but those of {where.parent} are {shape[1]}x{shape[2]}"
+            f"{image_size // factor} latents, but those of {manifest_folder} are {shape[1]}x{shape[2]}"
         )
     return found
 
@@ -124,8 +146,8 @@ def open_training_shards(data: StreamConfig, kind: Kind) -> Manifest:
     failed; with `skip`, rank 0 logs them and the returned manifest holds only the others.
     """
     manifest = load_manifest(data.shards, kind)
-    if str(data.shards).startswith("pipe:"):  # streamed from elsewhere: nothing local to verify
-        return manifest
+    if problem := empty_problem(data.shards, manifest):
+        raise ShardSetError(problem)
     import torch.distributed as dist
 
     from data_prep.reader import without_shards
@@ -137,7 +159,9 @@ def open_training_shards(data: StreamConfig, kind: Kind) -> Manifest:
     def check(i: int) -> str | None:
         info = manifest.shards[i]
         if data.verify == "sha256":
-            return verify_shard(data.shards, info)
+            return verify_shard(data.shards, info)  # a remote shard: streamed once and hashed
+        if is_remote(data.shards):  # no size to stat: the reader checks each shard as it streams it
+            return None
         return next(iter(check_shards(data.shards, [info], hashes=False, threads=1)), None)
 
     start = time.perf_counter()
