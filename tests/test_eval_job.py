@@ -304,3 +304,26 @@ def test_cli_prints_bad_input_as_an_error_line(world, reference):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("ldit eval: error: FID Inception-v3")
     assert "'/nonexistent/inception.pth' (set by `inception_weights`) does not exist" in proc.stderr
+
+
+def test_remote_image_set_gives_the_folders_statistics_and_metrics(world, reference):
+    """ref-stats and the VA-VAE eval read a `pipe:` image set through the same opener as the manifest: the
+    statistics file and the metrics equal the folder's; the output is named after the set (`images`)."""
+    remote = f"pipe:cat {world['images']}/{{}}"
+    out = world["root"] / "ref-remote.npz"
+    ldit("ref-stats", f"images={remote}", f"out={out}", "image_size=16", "batch_size=3", "pool_samples=10",
+         "save_images=true", f"inception_weights={world['inception']}")  # fmt: skip
+    with np.load(out) as a, np.load(reference) as b:
+        assert sorted(a.files) == sorted(b.files)
+        for k in a.files:
+            assert np.array_equal(a[k], b[k]), k
+    args = ["image_size=32", "num_samples=10", "batch_size=3", "seed=5"]
+    name = "step-00000005_recon_images_crop32_seed5_n10"
+    folder = world["root"] / "runs" / "vae" / "eval" / name
+    if not (folder / "metrics.json").is_file():
+        _eval(world, "vae", f"images={world['images']}", *args)
+    local = json.loads((folder / "metrics.json").read_text())
+    shutil.rmtree(folder)
+    _eval(world, "vae", f"images={remote}", *args)
+    got = json.loads((folder / "metrics.json").read_text())
+    assert got["metrics"] == local["metrics"] and got["images"]["path"] == remote
