@@ -1,26 +1,75 @@
-"""`ldit demo` end to end, shortened (configs/demo/quick.yaml: 200 digits, 3 steps per training run).
+"""`ldit demo` end to end, shortened (configs/demo/quick.yaml: all digits, 100 VA-VAE and 750 DiT steps).
 
 Every stage runs as the real job on 2 local processes; the test checks the summary's fields, the files it
-names, that a rerun skips every finished stage, and that a rerun with other settings is refused.
+names, that a rerun skips every finished stage, and that a rerun with other settings is refused. It holds
+the quick run's figures to quality thresholds, and shows that those thresholds reject a broken pipeline:
+the same run with the latents' labels shuffled (the DiT retrained on them), and untrained models.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from slurm.config import ConfigError, load_config
-from slurm.demo import DigitClassifier, accuracy, mirrored, write_digits
+from slurm.demo import DigitClassifier, Layout, accuracy, check_quality, mirrored, write_digits
 from slurm.jobs import DemoConfig
 from tests.conftest import ROOT, clean_env
 
 QUICK = ROOT / "configs" / "demo" / "quick.yaml"
+
+# Quality thresholds of the quick run, with the figures they were set from: OMP_NUM_THREADS=1 (as CI
+# runs), 2 local processes; seeds s = (seed, vavae.seed, dit.seed) = 0 (what the test runs), 1, 2. The
+# figures move slightly with the thread count (README), far less than the margins.
+SAMPLE_ACCURACY_MIN = 0.8
+"""Fraction of the DiT's 500 class-conditional samples that the classifier calls their class (chance 0.1).
+Healthy: 0.946, 0.908, 0.976. Labels shuffled (the DiT trained on them): 0.084, 0.100 (s=0, 1). An
+untrained DiT: 0.098, 0.112, 0.126 with the trained VA-VAE; 0.100 with an untrained one. Not a test: CFG
+off (cfg_scale=1) gives 0.716, 0.654, 0.782, below the threshold but by too little to rely on."""
+FRECHET_MAX_X_FLOOR = 30.0
+"""Fréchet distance of the samples vs held-out digits in the classifier's features, as a multiple of its
+floor (real training digits vs held-out: 0.68, 0.63, 0.58). Healthy: 8.27, 11.88, 6.67 (12.2x, 18.9x,
+11.5x). Untrained VA-VAE and DiT: 116.2, 135.0, 125.2 (170x or more). The distance does not see labels
+and is weak on the DiT alone: shuffled labels give 5.28, 12.34 (s=0, 1), an untrained DiT decoded by
+the trained VA-VAE 9.66, 12.86, 7.76; the sample accuracy is what rejects those."""
+PSNR_MIN_DB = 13.0
+"""The VA-VAE's held-out reconstruction PSNR. Healthy: 18.98, 16.05, 18.86 dB; untrained: 7.19, 7.18,
+7.21 dB."""
+
+
+def quality_misses(s: dict) -> dict[str, str]:
+    """The thresholds a demo summary (or :func:`slurm.demo.check_quality`'s figures) misses, each with its
+    figure; {} when it clears them all. NaN misses every threshold."""
+    acc = s["dit"]["sample_accuracy"]
+    frechet = s["dit"]["frechet_distance_samples_vs_heldout"]
+    psnr = s["vavae"]["heldout_psnr_db"]
+    bound = FRECHET_MAX_X_FLOOR * s["dit"]["frechet_distance_train_vs_heldout"]
+    misses = {
+        "sample_accuracy": (acc >= SAMPLE_ACCURACY_MIN, f"sample accuracy {acc:.3f} < {SAMPLE_ACCURACY_MIN}"),
+        "frechet": (
+            frechet <= bound,
+            f"Fréchet distance {frechet:.2f} > {bound:.2f} ({FRECHET_MAX_X_FLOOR:g} x floor)",
+        ),
+        "psnr": (psnr >= PSNR_MIN_DB, f"VA-VAE PSNR {psnr:.2f} dB < {PSNR_MIN_DB} dB"),
+    }
+    return {name: message for name, (ok, message) in misses.items() if not ok}
+
+
+def figures(s: dict) -> str:
+    d = s["dit"]
+    return (
+        f"sample accuracy {d['sample_accuracy']:.3f} (per class {d['sample_accuracy_per_class']}), "
+        f"Fréchet {d['frechet_distance_samples_vs_heldout']:.2f} (floor {d['frechet_distance_train_vs_heldout']:.2f}), "
+        f"PSNR {s['vavae']['heldout_psnr_db']:.2f} dB"
+    )
 
 
 def ldit_demo(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -31,6 +80,43 @@ def ldit_demo(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check:
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
+
+
+def copy_demo(src: Path, dst: Path, parts: tuple[str, ...]) -> Path:
+    """A new demo folder holding `parts` of a finished one (a later `ldit demo` there skips them)."""
+    for part in parts:
+        if (src / part).is_dir():
+            shutil.copytree(src / part, dst / part)
+        else:
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src / part, dst / part)
+    return dst
+
+
+def shuffle_labels(latents: Path, seed: int) -> float:
+    """Give a latent shard set's samples a seeded permutation of its labels (each class keeps its count),
+    rewritten with the project's shard writer and manifest; returns the fraction that kept its label."""
+    from data_prep.manifest import load_manifest
+    from data_prep.shards import read_shard, write_shard
+
+    manifest = load_manifest(latents, "latents")
+    shards = [read_shard(str(latents / s.name), s.count) for s in manifest.shards]
+    labels = np.array([int(bytes(x["cls"])) for samples in shards for x in samples])
+    shuffled = np.random.default_rng(seed).permutation(labels)
+    new = iter(shuffled)
+    manifest.shards = [
+        write_shard(
+            latents / info.name,
+            [
+                {k: v if k == "__key__" else bytes(v) for k, v in x.items()}
+                | {"cls": str(next(new)).encode()}
+                for x in samples
+            ],
+        )
+        for info, samples in zip(manifest.shards, shards)
+    ]
+    manifest.save(latents)
+    return float((shuffled == labels).mean())
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +138,17 @@ def test_demo_runs_every_stage_and_names_its_outputs(demo):
         assert json.loads((run / "topology.json").read_text())["world_size"] == 2  # 2 ranks, as asked
         assert json.loads((run / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
         assert (Path(s["exports"][key]) / "ema.safetensors").is_file()
-    assert Path(s["exports"]["vavae"]).name == Path(s["exports"]["dit"]).name == "step-00000003"
+    assert Path(s["exports"]["vavae"]).name == "step-00000100"
+    assert Path(s["exports"]["dit"]).name == "step-00000750"
     assert list(Path(s["tensorboard"]).glob("*/tb/events.out.tfevents.*"))
     for key in ("images", "latents"):
         manifest = json.loads((Path(s["shards"][key]) / "manifest.json").read_text())
-        assert manifest["total"] == 160 and len(manifest["shards"]) == 16
-    # 10 rows (one per class) of 3 samples, 32 px tiles 1 px apart, enlarged 2x; 2 rows of 20 digits.
-    assert Image.open(s["sample_grid"]).size == (2 * (3 * 33 + 1), 2 * (10 * 33 + 1))
+        assert manifest["total"] == 1437 and len(manifest["shards"]) == 15
+    # 10 rows (one per class) of 10 samples, 32 px tiles 1 px apart, enlarged 2x; 2 rows of 20 digits.
+    assert Image.open(s["sample_grid"]).size == (2 * (10 * 33 + 1), 2 * (10 * 33 + 1))
     assert Image.open(s["reconstruction_grid"]).size == (2 * (20 * 33 + 1), 2 * (2 * 33 + 1))
-    assert s["classifier"]["heldout_accuracy"] >= 0.8  # 160 training digits only
-    d = s["dit"]
-    assert d["samples"] == 30 and len(d["sample_accuracy_per_class"]) == 10
-    assert 0.0 <= d["sample_accuracy"] <= 1.0 and np.isfinite(d["frechet_distance_samples_vs_heldout"])
-    assert d["frechet_distance_train_vs_heldout"] >= 0.0
-    assert 0.0 < s["vavae"]["heldout_psnr_db"] < 100.0
+    assert s["classifier"]["heldout_accuracy"] >= 0.95  # 0.972 (README)
+    assert s["dit"]["samples"] == 500 and len(s["dit"]["sample_accuracy_per_class"]) == 10
     assert s["fid"]["status"] == "skipped" and "python -m eval.inception" in s["fid"]["how"]
     assert (
         "vavae.loss.perceptual_weight=1.0" in s["losses_off"] and "vavae.loss.use_vf=true" in s["losses_off"]
@@ -75,6 +158,51 @@ def test_demo_runs_every_stage_and_names_its_outputs(demo):
         assert line in stdout, line
 
 
+def test_quick_demo_clears_the_quality_thresholds(demo):
+    _, s, _ = demo
+    assert quality_misses(s) == {}, figures(s)
+    # The floor that FRECHET_MAX_X_FLOOR multiplies: real training digits vs held-out, 0.58-0.68 (seeds 0-2).
+    assert s["dit"]["frechet_distance_train_vs_heldout"] <= 1.0
+
+
+def test_shuffled_labels_fail_the_sample_accuracy_threshold(demo, tmp_path):
+    """The same quick run, its DiT trained on latents whose labels were shuffled: the samples fall to chance.
+
+    The copy holds the finished digits, shards and VA-VAE, so only the DiT and the quality check run again.
+    """
+    out, healthy, _ = demo
+    broken = copy_demo(out, tmp_path / "shuffled", ("demo.json", "digits", "shards", "runs/vavae"))
+    assert 0.05 < shuffle_labels(broken / "shards" / "latents", seed=0) < 0.15  # ~1/10 keep their label
+    ldit_demo(f"out={broken}")
+    s = json.loads((broken / "summary.json").read_text())
+    assert s["skipped_stages"] == ["digits", "prep-images", "train-vavae", "extract-latents"]
+    assert s["vavae"] == healthy["vavae"]  # the same VA-VAE: only the labels differ
+    assert list(quality_misses(s)) == ["sample_accuracy"], figures(s)
+    assert s["dit"]["sample_accuracy"] <= 0.2, figures(s)  # chance is 0.1
+
+
+def quality_of(out: Path, tmp: Path, vavae_export: Path, dit_export: Path) -> dict:
+    """The demo's quality stage (slurm.demo.check_quality) of the given exports, on a copy of `out`'s digits."""
+    copy = copy_demo(out, tmp, ("digits", "shards/latents"))
+    cfg = load_config(DemoConfig, [str(QUICK)], [f"out={copy}"])
+    return check_quality(cfg, Layout(copy), vavae_export, dit_export)
+
+
+def test_untrained_models_fail_every_threshold(demo, tmp_path):
+    """The quality check of a VA-VAE and a DiT as initialised, before any step (the DiT's zero-initialised
+    output layer predicts no velocity, so its samples are the decoded noise)."""
+    from models.export import read_meta, save_export
+    from models.lightningdit import LightningDiT
+    from models.vavae import AutoencoderKL
+
+    out, healthy, _ = demo
+    torch.manual_seed(0)
+    vavae = save_export(tmp_path / "vavae", AutoencoderKL(read_meta(healthy["exports"]["vavae"])[1]))
+    dit = save_export(tmp_path / "dit", LightningDiT(read_meta(healthy["exports"]["dit"])[1]))
+    q = quality_of(out, tmp_path / "out", vavae, dit)
+    assert list(quality_misses(q)) == ["sample_accuracy", "frechet", "psnr"], figures(q)
+
+
 def test_rerun_skips_finished_stages_and_refuses_other_settings(demo):
     out, first, _ = demo
     again = ldit_demo(f"out={out}")
@@ -82,7 +210,7 @@ def test_rerun_skips_finished_stages_and_refuses_other_settings(demo):
     assert s["skipped_stages"] == ["digits", "prep-images", "train-vavae", "extract-latents", "train-dit"]
     assert "$ ldit" not in again.stdout and "finished before, skipped" in again.stdout
     assert s["dit"] == first["dit"] and s["vavae"] == first["vavae"]  # same models, same seeds: same figures
-    refused = ldit_demo(f"out={out}", "vavae.optim.lr=1e-3", check=False)
+    refused = ldit_demo(f"out={out}", "vavae.optim.lr=2e-3", check=False)
     assert refused.returncode == 1
     assert (
         "holds a demo made with other settings (vavae:" in refused.stderr and "another out=" in refused.stderr
@@ -104,6 +232,21 @@ def test_with_inception_weights_the_demo_adds_fid(demo, tmp_path):
     assert s["dit"] == first["dit"]
 
 
+def test_a_larger_dit_steps_continues_the_dit_run(demo):
+    """The last test on the module's demo folder: `dit.steps` raised by 10 trains 10 more DiT steps from the
+    finished run's checkpoint (not 760 from scratch) and measures again; every other stage is skipped."""
+    out, first, _ = demo
+    proc = ldit_demo(f"out={out}", "dit.steps=760")
+    s = json.loads((out / "summary.json").read_text())
+    assert s["skipped_stages"] == ["digits", "prep-images", "train-vavae", "extract-latents"]
+    assert "resumed dit at step 750" in proc.stdout
+    steps = [
+        json.loads(line)["step"] for line in (Path(s["runs"]["dit"]) / "log.jsonl").read_text().splitlines()
+    ]
+    assert steps[-1] == 760 and len(steps) == len(set(steps))  # each logged step once
+    assert Path(s["exports"]["dit"]).name == "step-00000760"
+
+
 def test_default_config_file_is_the_schemas_default():
     """`make demo` runs configs/demo/default.yaml; it spells out the demo's choices, which must be exactly
     the DemoConfig defaults (so `ldit demo` with no file runs the same demo)."""
@@ -123,8 +266,10 @@ def test_config_rules_fail_at_start_up():
         load_config(DemoConfig, [], ["vavae.image_size=16"])
     with pytest.raises(ConfigError, match="Key 'dit_step' not in 'DemoConfig'"):
         load_config(DemoConfig, [], ["dit_step=3"])
+    cfg = load_config(DemoConfig, [], ["dit.steps=6000", "dit.model.size=S/1", "cfg_scale=2"])
+    assert (cfg.dit.steps, cfg.dit.model.size, cfg.cfg_scale) == (6000, "S/1", 2.0)  # the README's example
     cfg = load_config(DemoConfig, [str(QUICK)], ["dit.steps=7"])
-    assert cfg.dit.steps == 7 and cfg.vavae.steps == 3 and cfg.dit.model.size == DemoConfig().dit.model.size
+    assert cfg.dit.steps == 7 and cfg.vavae.steps == 100 and cfg.dit.model.size == DemoConfig().dit.model.size
 
 
 def test_digits_split_is_stratified_seeded_and_held_out(tmp_path):
