@@ -169,17 +169,22 @@ def _default(f: dataclasses.Field) -> Any:
     return "???"
 
 
-def describe(schema: type, prefix: str = "") -> Iterator[tuple[str, str, Any, str]]:
-    """(dotted key, type, default, doc) for every leaf field of a dataclass schema, in order."""
+def describe(schema: type, prefix: str = "", defaults: Any = None) -> Iterator[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, doc) for every leaf field of a dataclass schema, in order.
+
+    A nested section's defaults are those of the object its field's default makes (`defaults`), not of
+    its class: the demo's `dit` section defaults to the demo's DiT run (4,000 steps), not `ldit train`'s.
+    """
     hints = typing.get_type_hints(schema)
     docs = field_docs(schema)
     for f in dataclasses.fields(schema):
         tp = hints[f.name]
         key = f"{prefix}{f.name}"
+        default = getattr(defaults, f.name) if defaults is not None else _default(f)
         if dataclasses.is_dataclass(tp):
-            yield from describe(tp, key + ".")  # type: ignore[arg-type]
+            yield from describe(tp, key + ".", default if dataclasses.is_dataclass(default) else None)  # type: ignore[arg-type]
         else:
-            yield key, _type_name(tp), _default(f), docs.get(f.name, "")
+            yield key, _type_name(tp), default, docs.get(f.name, "")
 
 
 def help_text(schema: type, width: int = 100) -> str:

@@ -54,6 +54,11 @@ def test_job_help_lists_keys_with_docs(capsys):
     with pytest.raises(SystemExit):
         main(["prep-images", "--help"])
     assert "  src (str) = ??? (required)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a section's defaults are its field's default, not its class's
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    for line in ("  dit.steps (int) = 4000", "  dit.ema_decay (float) = 0.995", "  vavae.steps (int) = 300"):
+        assert line + "\n" in out, line
 
 
 def test_config_errors_exit_2_with_the_key(capsys):
