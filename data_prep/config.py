@@ -22,6 +22,9 @@ class PrepImagesConfig:
     """Seed of the order samples are written in, across shards (no shard holds one class)."""
     extensions: tuple[str, ...] = (".jpeg", ".jpg", ".png")
     """File name endings taken as images (case-insensitive); other files are listed as skipped."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective may wait for a missing rank. Waits for other ranks' shards are not
+    collectives: they fail only when no shard was finished for this long (data_prep/wait.py)."""
 
 
 @dataclass
@@ -44,3 +47,6 @@ class ExtractLatentsConfig:
     """Seed of the posterior samples: each sample's noise comes from (seed, sample key), not the rank."""
     stats_samples: int = 10000
     """Latents (non-flipped, seeded subset) the per-channel mean and std are computed on (reference §5)."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective may wait for a missing rank. Waits for other ranks' shards are not
+    collectives: they fail only when no shard was finished for this long (data_prep/wait.py)."""

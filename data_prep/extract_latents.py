@@ -11,6 +11,10 @@ Resumable: a finished shard is renamed into place and described by a small recor
 whose file still has the recorded size and sha256. The per-channel mean and std are computed over a
 seeded subset of `stats_samples` non-flipped latents (reference §5: 10,000; std unbiased, over N, H, W),
 accumulated in float64 per shard. The manifest is written last.
+
+Ranks with less to do (a rerun after a partial run) finish first: no collective waits on the work. Each
+rank other than 0 returns when its shards are written; rank 0 then polls `.parts/` for every shard's
+record (data_prep/wait.py), failing only when no shard was finished for `collective_timeout_s`.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from data_prep.manifest import (
 )
 from data_prep.reader import open_shard_set
 from data_prep.shards import encode_npy, read_shard, write_shard
+from data_prep.wait import wait_for_files
 from models.device import device
 from models.export import load_vavae, weights_sha256
 
@@ -163,8 +168,12 @@ def run(cfg: ExtractLatentsConfig) -> Manifest | None:
             tmp.replace(_record_path(out, shard.name))
             encoded += shard.count
             bar.update(shard.count)
-    dist.barrier()
-
+    if rank != 0:  # this rank's shards and records are on disk; rank 0 waits for them by polling
+        return None
+    records_of = {
+        _record_path(out, s.name): f"{s.name} (rank {i % world})" for i, s in enumerate(images.shards)
+    }
+    waited = wait_for_files(records_of, cfg.collective_timeout_s, "the other ranks' latent shards")
     manifest = None
     if rank == 0:
         records = [json.loads(_record_path(out, s.name).read_text()) for s in images.shards]
@@ -195,8 +204,8 @@ def run(cfg: ExtractLatentsConfig) -> Manifest | None:
         print(
             f"extract-latents: {manifest.total} images → latents {manifest.latent.shape} {manifest.latent.dtype} "
             f"in {len(manifest.shards)} shards; rank 0 encoded {encoded} ({encoded / max(elapsed, 1e-9):.1f} images/s), "
-            f"skipped {skipped} finished shard(s); statistics over {n} values per channel",
+            f"skipped {skipped} finished shard(s); statistics over {n} values per channel; "
+            f"waited {waited:.1f} s for the other ranks",
             flush=True,
         )
-    dist.barrier()
     return manifest

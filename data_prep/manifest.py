@@ -193,6 +193,12 @@ def _manifest_text(location: str | Path) -> tuple[str, str]:
     return str(path), path.read_text()
 
 
+def manifest_sha256(location: str | Path) -> str:
+    """sha256 of the manifest.json bytes of the shard set at `location` (local or remote): the identity under
+    which a full verification pass is recorded (data_prep/verify.py)."""
+    return hashlib.sha256(_manifest_text(location)[1].encode()).hexdigest()
+
+
 def load_manifest(folder: str | Path, kind: Kind | None = None) -> Manifest:
     """Read and check the manifest of the shard set at `folder` (a local folder or a URL, module docstring);
     `kind` demands images or latents. Every shard name is checked to be a plain file name."""

@@ -8,6 +8,9 @@ as their original bytes (under the extension of their real format) and converted
 Samples are dealt to shards in a seeded random order, so no shard holds one class. Shard i is written
 by rank i mod W, each rank writing its own files; rank 0 merges the per-rank results into
 `manifest.json` at the end, which is written last: a folder without a manifest is not a shard set.
+Ranks finish at different times (uneven images, slower nodes): each marks a finished shard in `.parts/`
+and every rank polls for all the markers (data_prep/wait.py), failing only when no shard was finished for
+`collective_timeout_s`; the gather that follows is then short.
 
 A source with no readable image is an error (issue #15), not an empty shard set: the job exits naming
 the folder and why each file was skipped, writes no manifest, removes the empty shards it wrote, and
@@ -17,6 +20,7 @@ removes `out` if it created it.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -31,6 +35,7 @@ from data_prep.config import PrepImagesConfig
 from data_prep.images import BadImage, inspect_image
 from data_prep.manifest import MANIFEST, ClassInfo, Manifest, ShardSetError
 from data_prep.shards import encode_json, write_shard
+from data_prep.wait import wait_for_files
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +126,14 @@ def nothing_readable(src: Path, out: Path, classes: int, skipped: list[dict[str,
     return " ".join(message.splitlines())
 
 
+PARTS = ".parts"
+"""Folder of the per-shard "finished" markers the ranks wait on; removed before the manifest is written."""
+
+
+def _done_marker(out: Path, i: int) -> Path:
+    return out / PARTS / f"shard-{i:06d}.tar.done"
+
+
 def run(cfg: PrepImagesConfig) -> Manifest | None:
     """Write the shard set; returns the manifest on rank 0 (None on other ranks)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -138,8 +151,10 @@ def run(cfg: PrepImagesConfig) -> Manifest | None:
     n_shards = -(-len(images) // cfg.shard_samples)
     mine = list(range(rank, n_shards, world))
     existed = out.exists()
-    dist.barrier()  # every rank has looked before one creates it
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and (out / PARTS).exists():  # markers of an attempt that did not finish
+        shutil.rmtree(out / PARTS)
+    dist.barrier()  # every rank has looked (and rank 0 cleared old markers) before one creates it
+    (out / PARTS).mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
     shards, skipped, notes = [], [], Counter()
@@ -149,13 +164,17 @@ def run(cfg: PrepImagesConfig) -> Manifest | None:
             items = [images[j] for j in order[i * cfg.shard_samples : (i + 1) * cfg.shard_samples]]
             info = write_shard(out / f"shard-{i:06d}.tar", _samples(items, wnids, src, skipped, notes, bar))
             shards.append((i, info))
+            _done_marker(out, i).touch()
 
+    done = {_done_marker(out, i): f"shard-{i:06d}.tar (rank {i % world})" for i in range(n_shards)}
+    wait_for_files(done, cfg.collective_timeout_s, "the shards of every rank")  # uneven: not a collective
     gathered: list = [None] * world
     dist.all_gather_object(gathered, (shards, skipped, dict(notes)))
     manifest = None
     all_shards = sorted((s for part in gathered for s in part[0]), key=lambda s: s[0])
     all_skipped = ignored + sorted((s for part in gathered for s in part[1]), key=lambda s: s["path"])
     if rank == 0:
+        shutil.rmtree(out / PARTS)
         for _, info in all_shards:
             if info.count == 0:  # every image of the shard was skipped
                 (out / info.name).unlink()

@@ -17,8 +17,10 @@ batch B, stream count V), and the only state is the step counter:
 
 Each shard is read front to back and held in memory while its stream reads it: a rank holds V/W shards
 at a time. A shard set may be remote (a `pipe:` command template or a URL, named as data_prep/manifest.py
-says); a remote shard is checked against its manifest entry (size, sha256, sample count) as it is read,
-from the bytes in memory, so a changed shard stops the rank that reads it, naming it.
+says). Every shard, local or remote, is checked against its manifest entry (size, sha256, sample count)
+as it is read, from the bytes in memory or mapped (data_prep/shards.py), so a shard changed since the
+start's check raises ShardSetError naming it on the rank that reads it (trainer/shard_guard.py stops
+every rank at that step).
 """
 
 from __future__ import annotations
@@ -244,8 +246,8 @@ class StreamReader:
     ) -> None:
         self.plan = StreamPlan(manifest.counts, seed, global_batch, streams)
         self.urls = [file_url(folder, s.name) for s in manifest.shards]
-        # a remote shard is checked (size, sha256) as it is read; a local one was verified before training
-        self.infos: list[ShardInfo | None] = [s if is_remote(folder) else None for s in manifest.shards]
+        # every shard is checked (size, sha256) as it is read: a start checks only sizes once verified
+        self.infos: list[ShardInfo | None] = list(manifest.shards)
         self.streams = self.plan.rank_streams(rank, world_size)
         self.decode = decode
         self.workers = min(workers, len(self.streams))

@@ -21,8 +21,10 @@ A shard must be whole (issue #15), checked in the same pass that splits it, at n
   a latent sample `cls`, `latent.npy` and `latent_flip.npy` (the layout is latents when any sample of
   the shard holds a `.npy` member).
 
-A remote shard (a URL, data_prep/manifest.py) read with a manifest entry is also checked for its byte
-size and sha256 as it is read: the bytes are in memory already, so hashing costs no second read.
+A shard read with its manifest entry is also checked for its byte size and sha256 as it is read. A
+remote shard's bytes are in memory already; a local shard is mapped, and hashing it is one sequential
+pass over its pages, which the reader then finds in the page cache: no byte is read from storage twice
+(sha256 costs about 1.3 s of one core per GB here, 0.79 GB/s; tests/test_requeue_io.py counts the bytes read).
 """
 
 from __future__ import annotations
@@ -232,7 +234,7 @@ def split_samples(
     return samples
 
 
-def stream_problem(url: str, data: bytes, info: ShardInfo) -> str | None:
+def stream_problem(url: str, data: bytes | mmap.mmap, info: ShardInfo) -> str | None:
     """The first of size and sha256 in which the bytes read from `url` differ from the manifest entry."""
     if len(data) != info.bytes:
         return f"shard {url}: size {len(data)} bytes, manifest says {info.bytes} (truncated or replaced?)"
@@ -249,8 +251,8 @@ def read_shard(
     `url` is a local file (mapped, and only the members that are decoded are copied) or a URL read
     front to back with webdataset's gopen. Raises ShardSetError naming the shard as :func:`split_samples`
     does, if it cannot be read, or if it holds a different number of samples than `expected_count`
-    (or `info.count`). With `info` (its manifest entry), a shard read through a URL is also checked for
-    its byte size and sha256, hashed from the bytes just read.
+    (or `info.count`). With `info` (its manifest entry), the shard is also checked for its byte size
+    and sha256, hashed from the bytes just read (or mapped), before any sample is split.
     """
     data: bytes | mmap.mmap
     if os.path.isfile(url):  # a local file: map it, and copy only the members that are decoded
@@ -261,8 +263,8 @@ def read_shard(
             data = read_remote(url)
         except (OSError, ValueError) as exc:
             raise ShardSetError(f"shard {url}: cannot be read ({exc})") from None
-        if info is not None and (problem := stream_problem(url, data, info)):
-            raise ShardSetError(problem)
+    if info is not None and (problem := stream_problem(url, data, info)):
+        raise ShardSetError(problem)
     samples = split_samples(data, url)
     expected = info.count if info is not None else expected_count
     if expected is not None and len(samples) != expected:

@@ -27,14 +27,24 @@ Message formats (one line per bad shard; several failed checks of one shard are 
         512-byte zero blocks), and its last sample s0034 lacks member(s) latent_flip.npy; copy or write
         the shard again
     shard pipe:cat /x/shard-000003.tar: cannot be read (the command exited with status 1)
+
+A full pass is needed once per shard set, not at every start (DESIGN.md "Data formats"). Its outcome is
+kept in a :class:`VerifyRecord` (`shards-verified.json`), keyed by the sha256 of the manifest's bytes: a
+start that finds a record of a full pass over the same manifest checks sizes only
+(trainer/preflight.py). The trainer keeps the record in the run directory, not beside the manifest,
+because shard sets often live on read-only shared storage and one set serves many runs; a new run
+pays one full pass.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from data_prep.manifest import ShardInfo, ShardSetError, check_shards, file_url, is_remote, read_remote
@@ -123,3 +133,41 @@ def verify_shards(
             results[i] = fut.result()
             bar.update(shards[i].bytes)
     return [r for r in results if r]
+
+
+RECORD = "shards-verified.json"
+"""File name of a :class:`VerifyRecord` (in the run directory, trainer/preflight.py)."""
+
+
+@dataclass
+class VerifyRecord:
+    """What is known about a shard set's integrity, so that a later start need not read it again."""
+
+    shards: str
+    """The shard set's location (`data.shards`)."""
+    manifest_sha256: str
+    """sha256 of its manifest.json bytes: a record of another manifest is ignored."""
+    full_pass: bool = False
+    """Every shard's size, sha256, sample count and format were checked once against this manifest."""
+    bad: dict[str, str] = field(default_factory=dict)
+    """Shard name → the message of its last failed check (a full pass, or the stream reading it)."""
+
+    def matches(self, shards: str, manifest_sha256: str) -> bool:
+        return self.shards == shards and self.manifest_sha256 == manifest_sha256
+
+
+def read_record(path: str | Path) -> VerifyRecord | None:
+    """The record at `path`; None when there is none or it cannot be parsed (then the next start verifies again)."""
+    try:
+        return VerifyRecord(**json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_record(path: str | Path, record: VerifyRecord) -> None:
+    """Write `record` to `path` atomically (a reader sees the old record or the new one, never a part)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(asdict(record), indent=1, sort_keys=True))
+    os.replace(tmp, path)

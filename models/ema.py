@@ -5,6 +5,10 @@ Matches the reference's `update_ema` (fact sheet §3.2): ema ← d·ema + (1 −
 `pos_embed`. Buffers (the RoPE tables) are copied, not averaged. The live parameters may be bf16 (a
 DeepSpeed bf16 module); the average is accumulated in fp32 so small updates are not rounded away.
 
+The trainer does not use this class: under DeepSpeed it averages the fp32 master weights, sharded like
+the optimizer state (trainer/sharded_ema.py), with the same formula and the same keys. This is the EMA of
+a plain module (no DeepSpeed), and the reference the trainer's EMA is tested against.
+
 Written here rather than taken from a library: timm's `ModelEmaV3` and torch's `AveragedModel` keep a
 whole second module in the live dtype; we want only fp32 tensors under the model's own key names, so the
 EMA exports with the reference's state_dict keys (§8.1) and loads into the model with `strict=True`.

@@ -39,7 +39,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from data_prep.manifest import ShardSetError
     from eval.job import EvalInputError
     from models.weights import PretrainedWeightsError
-    from trainer.checkpoint import CheckpointWriteError
+    from trainer.checkpoint import CheckpointViewError, CheckpointWriteError
     from trainer.common import NonFiniteLoss
     from trainer.export import InitFromError
 
@@ -50,6 +50,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         PretrainedWeightsError,
         NonFiniteLoss,
         CheckpointWriteError,
+        CheckpointViewError,
         InitFromError,
         FileNotFoundError,
     )

@@ -160,3 +160,89 @@ def test_empty_source_is_named(inputs, tmp_path):
         "nothing can be read from it; write it again with `ldit prep-images` from a folder of readable images\n"
     )
     assert not (tmp_path / "lat").exists()
+
+
+@pytest.mark.slow
+def test_rerun_after_a_partial_run_with_uneven_work_finishes_like_a_clean_run(inputs, tmp_path):
+    """2 ranks; the first run is killed after some shards; the rerun leaves rank 0 nothing to do and rank 1
+    most shards. Rank 0 waits for rank 1's records by polling (no collective: see
+    test_waiting_for_other_ranks_is_bounded_by_progress_not_by_total_time), and the output is the clean
+    run's, byte for byte."""
+    import os
+    import signal
+    import time
+
+    tmp, _ = inputs
+    src = imagenet_folder(tmp_path / "src", per_class=16)
+    assert ldit("prep-images", f"src={src}", f"out={tmp_path / 'images'}", "shard_samples=2").returncode == 0
+    args = [f"images={tmp_path / 'images'}", f"vavae={tmp / 'vavae'}", "image_size=128", "batch_size=2",
+            "stats_samples=9", "collective_timeout_s=60"]  # fmt: skip
+    clean = ldit("extract-latents", *args, f"out={tmp_path / 'clean'}", "--local", "2")
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    out = tmp_path / "partial"
+    cmd = [sys.executable, "-m", "slurm.cli", "extract-latents", *args, f"out={out}", "--local", "2"]
+    job = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while len(list((out / ".parts").glob("*.json"))) < 3:
+        assert job.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    assert not (out / "manifest.json").exists()
+    shards = load_manifest(tmp_path / "images").shards
+    for i, s in enumerate(shards):  # uneven: rank 0's shards all finished, rank 1's nearly all to do
+        if i % 2 == 0 and not (out / ".parts" / f"{s.name}.json").exists():
+            (out / s.name).write_bytes((tmp_path / "clean" / s.name).read_bytes())
+            rec = json.loads((tmp_path / "clean" / ".parts" / f"{s.name}.json").read_text())
+            (out / ".parts" / f"{s.name}.json").write_text(json.dumps(rec))
+        if i % 2 == 1 and i > 1:
+            (out / ".parts" / f"{s.name}.json").unlink(missing_ok=True)
+    start = time.monotonic()
+    rerun = ldit("extract-latents", *args, f"out={out}", "--local", "2")
+    took = time.monotonic() - start
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    waited = float(rerun.stdout.split("waited ")[1].split(" s")[0])
+    print(f"rerun {took:.1f} s; rank 0 waited {waited:.1f} s for rank 1")
+    assert f"skipped {(len(shards) + 1) // 2} finished shard(s)" in rerun.stdout
+    names = sorted(p.name for p in (tmp_path / "clean").iterdir() if p.name.startswith("shard-"))
+    assert len(names) == len(shards)
+    for f in names:
+        assert (out / f).read_bytes() == (tmp_path / "clean" / f).read_bytes(), f
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (tmp_path / "clean", out))
+    assert b["producer"]["config"].pop("out") == str(out)
+    a["producer"]["config"].pop("out")
+    assert a == b  # shards, sizes, sha256, statistics
+
+
+def test_waiting_for_other_ranks_is_bounded_by_progress_not_by_total_time(tmp_path):
+    """A rank waiting for others' shards fails only when none was finished for `stall_s`: files appearing
+    every 0.2 s for 2 s pass a 1 s bound; files that stop appearing fail it, naming what is missing."""
+    import threading
+    import time
+
+    from data_prep.wait import StalledError, wait_for_files
+
+    files = {tmp_path / f"s{i}.json": f"shard {i} (rank 1)" for i in range(10)}
+
+    def writer(n: int) -> None:
+        for path in list(files)[:n]:
+            time.sleep(0.2)
+            path.touch()
+
+    t = threading.Thread(target=writer, args=(10,))
+    t.start()
+    waited = wait_for_files(files, stall_s=1.0, what="rank 1's shards", poll_s=0.05)
+    t.join()
+    assert waited >= 1.9  # longer than the bound in all, never a second without progress
+    for path in files:
+        path.unlink()
+    t = threading.Thread(target=writer, args=(3,))
+    t.start()
+    with pytest.raises(StalledError) as err:
+        wait_for_files(files, stall_s=1.0, what="rank 1's shards", poll_s=0.05)
+    t.join()
+    assert (
+        "none was finished in the last 1 s (collective_timeout_s): 7 of 10 missing: shard 3 (rank 1)"
+        in str(err.value)
+    )

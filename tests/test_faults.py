@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -415,19 +416,27 @@ def test_size_only_verification_misses_what_sha256_catches(latents, tmp_path, wo
 # ------------------------------------------------------------------------------- failed checkpoint writes
 
 
+class FakeCheckpointEngine:
+    """DeepSpeed's checkpoint_engine: every file of a save goes through its `save(state_dict, path)`."""
+
+    def save(self, state_dict: dict, path: str) -> None:
+        Path(path).write_bytes(b"x" * 10)
+
+
 class FakeEngine:
     """Stands in for a DeepSpeed engine: writes one file per save, or fails like a full disk."""
 
     def __init__(self, root: Path, fail: bool = False) -> None:
         self.root, self.fail = root, fail
         self.seen: list[list[str]] = []
+        self.checkpoint_engine = FakeCheckpointEngine()
 
     def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
         self.seen.append(sorted(p.name for p in (self.root / "checkpoints").glob("step-*")))
         (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
         if self.fail:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(save_dir) / tag / "states.pt"))
-        (Path(save_dir) / tag / "states.pt").write_bytes(b"x" * 10)
+        self.checkpoint_engine.save({}, str(Path(save_dir) / tag / "states.pt"))
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, world_of_one):
@@ -752,7 +761,8 @@ def test_cut_tar_is_named_by_the_verify_and_by_the_reader(latents, tmp_path):
         folder, tmp_path, "size", "steps=6", "data.verify=size", check=False
     )  # 6 steps read every shard
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert f"ldit train: error: {message}\n" in proc.stderr
+    assert "ldit train: error: a bad shard stopped every rank at step " in proc.stderr
+    assert re.search(r", before training it:\n  rank [01]: " + re.escape(message) + "\n", proc.stderr)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ Layout of `<run>/checkpoints/step-00000080/`:
 `checkpoints/latest` names the newest complete checkpoint; it is replaced atomically after meta.json,
 and old checkpoints are deleted only after that (keep the last K, plus milestones). On load, a
 checkpoint saved at another world size is converted once to DeepSpeed's universal format
-(`<engine>_universal/`) and loaded from there.
+(`<engine>_universal/`, published atomically with a marker; see trainer/universal.py) and loaded from there.
 
 Faults (issue #11): a job killed while saving leaves a folder without meta.json, which resume reports
 and ignores; a checkpoint damaged afterwards (a file truncated or deleted) makes resume fall back to the
@@ -34,12 +34,13 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from trainer.universal import ConvertSettings, ensure_universal
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ class CheckpointWriteError(RuntimeError):
     def __init__(self, message: str, errno: int | None) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class CheckpointViewError(RuntimeError):
+    """A rank cannot see, complete, the checkpoint rank 0 chose to resume from (every rank raises it)."""
 
 
 @dataclass(frozen=True)
@@ -97,9 +102,16 @@ def problems(path: Path) -> list[str]:
 class Checkpointer:
     """Saves and finds checkpoints of one run directory."""
 
-    def __init__(self, run_dir: str | Path, keep_last: int = 3, milestone_every: int = 0) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        keep_last: int = 3,
+        milestone_every: int = 0,
+        convert: ConvertSettings | None = None,
+    ) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last, self.milestone_every = keep_last, milestone_every
+        self.convert = convert or ConvertSettings()
 
     # ------------------------------------------------------------------------------------ finding
 
@@ -147,6 +159,40 @@ class Checkpointer:
             log.warning("ignoring checkpoint %s: %s", path.name, "; ".join(why))
         return chosen
 
+    def agreed_latest(self) -> Checkpoint | None:
+        """The checkpoint every rank resumes from (every rank calls this): rank 0's :meth:`latest`, seen
+        complete by every rank, or CheckpointViewError on every rank.
+
+        Rank 0 chooses and broadcasts the folder's name; each rank checks that its own view of that folder
+        holds meta.json and every file it lists at its size (loading reads rank 0's model states, and an
+        elastic load every partition), and the ranks all-gather what they could not see. A shared file
+        system whose views lag on some node thus stops the job, naming the rank and the file, instead of
+        letting ranks load different steps. None (a fresh start) when rank 0 finds no checkpoint.
+        """
+        choice = [None]
+        if dist.get_rank() == 0:
+            chosen = self.latest()
+            choice = [chosen.path.name if chosen is not None else None]
+        dist.broadcast_object_list(choice, src=0)
+        name = choice[0]
+        unseen = problems(self.root / name) if name is not None else []
+        views: list[list[str] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(views, unseen)
+        failed = [(r, v) for r, v in enumerate(views) if v]
+        if failed:
+            what = "\n  ".join(f"rank {r}: {line}" for r, v in failed for line in v)
+            raise CheckpointViewError(
+                f"rank 0 chose checkpoint {name} to resume from, but {len(failed)} rank(s) cannot see it "
+                f"complete:\n  {what}\nevery rank stopped before loading anything. The ranks see different "
+                f"files under {self.root} (a shared file system whose nodes have not caught up?): start the "
+                "job again once every node sees the files"
+            )
+        return (
+            None
+            if name is None
+            else Checkpoint(self.root / name, json.loads((self.root / name / META).read_text()))
+        )
+
     # ------------------------------------------------------------------------------------- saving
 
     def save(
@@ -168,6 +214,11 @@ class Checkpointer:
 
         rank = dist.get_rank()
         path = self.root / step_name(step)
+        written: dict[str, int] = {}  # the files this rank wrote, with the sizes it saw: meta.json's sizes
+
+        def wrote(*files: Path | str) -> None:
+            for f in map(Path, files):
+                written[str(f.relative_to(path))] = f.stat().st_size
 
         def make_folder() -> None:
             if rank == 0:
@@ -176,18 +227,25 @@ class Checkpointer:
                 path.mkdir(parents=True)
 
         def save_engine(name: str, engine: Any) -> None:
+            files: list[str] = []
+            store = engine.checkpoint_engine  # every file DeepSpeed writes goes through its save()
+            store.save = _recording(store.save, files)
             try:
                 engine.save_checkpoint(
                     str(path), tag=name, client_state=dict(UNIVERSAL_INFO), save_latest=False
                 )
+                wrote(*files)
             except Exception:
                 # DeepSpeed (0.19.8) writes between its tag-validation all-reduces and one closing
                 # barrier; a rank whose write failed skipped that barrier, so it joins it here.
                 dist.barrier()
                 raise
+            finally:
+                del store.save  # the instance attribute; the class's save() is back
 
         def save_own_files() -> None:
             torch.save(rng_state(), path / f"rng-rank{rank}.pt")
+            wrote(path / f"rng-rank{rank}.pt")
             if rank == 0 and ema_state is not None:
                 tensors = {k: v.detach().float().cpu().contiguous() for k, v in ema_state.items()}
                 if not all(torch.isfinite(t).all() for t in tensors.values()):
@@ -195,14 +253,13 @@ class Checkpointer:
                         f"refusing to write checkpoint {path.name}: the EMA weights are not finite"
                     )
                 save_file(tensors, str(path / EMA_FILE))
+                wrote(path / EMA_FILE)
+
+        reports: list[dict[str, int] | None] = [None] * dist.get_world_size()
 
         def publish() -> None:
-            if rank == 0:
-                files = {
-                    str(f.relative_to(path)): f.stat().st_size
-                    for f in sorted(path.rglob("*"))
-                    if f.is_file() and f.name != "zero_to_fp32.py"
-                }
+            if rank == 0:  # each file with the size its writer saw, not rank 0's view of another node's file
+                files = dict(sorted(f for report in reports for f in (report or {}).items()))
                 _write_atomic(path / META, json.dumps({**meta, "step": step, "files": files}, indent=1))
                 _write_atomic(self.root / LATEST, path.name)
 
@@ -210,6 +267,7 @@ class Checkpointer:
         for name, engine in engines.items():
             self._agreed(path, lambda: save_engine(name, engine))  # noqa: B023 (called at once)
         self._agreed(path, save_own_files)
+        dist.all_gather_object(reports, written)
         self._agreed(path, publish)
         if rank == 0:
             try:
@@ -275,11 +333,9 @@ class Checkpointer:
         elastic = ck.meta["world_size"] != world
         for name, engine in engines.items():
             tag = name
-            if elastic:
+            if elastic:  # converted once, outside any collective's time-out (trainer/universal.py)
                 tag = f"{name}_universal"
-                if rank == 0 and not (ck.path / tag).is_dir():
-                    to_universal(ck.path / name, ck.path / tag)
-                dist.barrier()
+                ensure_universal(ck.path / name, ck.path / tag, self.convert)
             load_path, _ = engine.load_checkpoint(
                 str(ck.path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
             )
@@ -288,25 +344,6 @@ class Checkpointer:
         if not elastic:
             set_rng_state(torch.load(ck.path / f"rng-rank{rank}.pt", weights_only=True))
         return elastic
-
-
-def to_universal(src: Path, dst: Path) -> None:
-    """DeepSpeed's ds_to_universal: ZeRO partitions of any world size → per-parameter fp32 files."""
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    args = SimpleNamespace(
-        input_folder=str(src),
-        output_folder=str(tmp),
-        num_extract_workers=1,
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=False,
-    )
-    ds_to_universal(args)
-    os.replace(tmp, dst)
 
 
 def _storage_notes(path: Path) -> str:
@@ -318,6 +355,17 @@ def _storage_notes(path: Path) -> str:
     if limit != resource.RLIM_INFINITY:
         notes.append(f"this process may write files of at most {limit} bytes (ulimit -f)")
     return "; ".join(notes)
+
+
+def _recording(save: Callable[..., Any], into: list[str]) -> Callable[..., Any]:
+    """DeepSpeed's checkpoint_engine.save(state_dict, path), also noting each path it wrote in `into`."""
+
+    def recorded(state_dict: Any, path: str) -> Any:
+        out = save(state_dict, path)
+        into.append(path)
+        return out
+
+    return recorded
 
 
 def _write_atomic(path: Path, text: str) -> None:

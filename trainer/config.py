@@ -44,13 +44,17 @@ class StreamConfig:
     seed: int = 0
     """Seed of the shard and sample permutations (and of flips and crops)."""
     verify: Literal["sha256", "size"] = "sha256"
-    """How every rank checks the shard files against the manifest before the first step (the ranks split the
-    shards): `sha256` reads each shard once (size, sha256 and sample count); `size` compares file sizes only
-    (instant, but blind to a same-size corruption)."""
+    """The check of the shard files before the first step (trainer/preflight.py): `sha256` reads every shard once
+    (size, sha256, sample count; the ranks split them) at the run's first start and records it in the run
+    directory (`shards-verified.json`, keyed by the manifest's sha256), so a requeue compares sizes only;
+    `size` compares sizes only at every start. Either way every shard is hashed as training streams it, and a
+    shard that no longer matches stops every rank at the step that reads it."""
     bad_shards: Literal["error", "skip"] = "error"
-    """What a shard that fails that check does: `error` stops every rank before training, naming each bad shard
-    and the check it failed; `skip` leaves it out (logged) and reads the other shards, whose order is then the
-    same at any world size as for a shard set written without it."""
+    """What a bad shard does. Found at a start: `error` stops every rank before training, naming each bad shard
+    and the check it failed; `skip` leaves it out (logged) and reads the others, whose order is then the same
+    at any world size as for a shard set written without it. Found mid-run: both stop every rank at that step
+    (the last checkpoint intact) and record the shard; the next start reads it again in full, and `skip`
+    leaves it out then."""
 
 
 @dataclass
@@ -79,6 +83,11 @@ class CheckpointConfig:
     """Keep this many most recent checkpoints; older ones are deleted after a newer one is complete."""
     milestone_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this (0: none)."""
+    convert_workers: int = 4
+    """Processes rank 0 converts a checkpoint to DeepSpeed's universal format with, at a new world size."""
+    convert_timeout_s: float = 3600.0
+    """Bound of that conversion, on rank 0 and on the ranks waiting for it (no collective waits on it,
+    so collective_timeout_s does not bound it)."""
 
 
 @dataclass
@@ -112,6 +121,10 @@ class TrainCommon:
     """Compute dtype: `auto` is bf16 on GPUs and fp32 on CPU."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage (the design uses 2)."""
+    comm_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the gradient reduce-scatter / all-reduce (DeepSpeed `communication_data_type`). fp32 keeps the
+    reference's numerics (its DDP reduces fp32 gradients); bf16 halves the bytes on the wire under bf16 training
+    at the cost of bf16 rounding of every summed gradient (DeepSpeed issues #2352, #2768 report divergence)."""
     grad_checkpointing: bool = False
     """Activation checkpointing per transformer block / per VA-VAE resolution level."""
     init_from: str = ""

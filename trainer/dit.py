@@ -19,7 +19,6 @@ import torch.distributed as dist
 
 from data_prep.manifest import Manifest, ShardSetError
 from data_prep.reader import StreamReader, latent_decoder, normalize_latents
-from models.ema import EMA
 from models.export import load_lightningdit, load_vavae
 from models.flow import FlowArgs, RectifiedFlow
 from models.lightningdit import LightningDiT, LightningDiTArgs, lightningdit_args
@@ -43,6 +42,9 @@ from trainer.config import TrainDiTConfig
 from trainer.engine import build_engine, deepspeed_config
 from trainer.export import export_weights
 from trainer.preflight import open_training_shards
+from trainer.shard_guard import ShardGuard
+from trainer.sharded_ema import ShardedEMA, fp32_snapshot
+from trainer.universal import ConvertSettings
 
 
 def model_args(cfg: TrainDiTConfig, manifest: Manifest) -> LightningDiTArgs:
@@ -81,7 +83,7 @@ def train(cfg: TrainDiTConfig) -> None:
     topo = topology(cfg)
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = open_training_shards(cfg.data, "latents")  # verified on every rank before step 0
+    manifest = open_training_shards(cfg.data, "latents", run_dir)  # checked on every rank before step 0
     if manifest.latent is None or not manifest.latent.std:
         raise ShardSetError(
             f"{cfg.data.shards}/manifest.json has no latent statistics; rerun extract-latents"
@@ -89,21 +91,29 @@ def train(cfg: TrainDiTConfig) -> None:
     args = model_args(cfg, manifest)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every attempt
     model = LightningDiT(args)
-    ckpts = Checkpointer(run_dir, cfg.ckpt.keep_last, cfg.ckpt.milestone_every)
-    resume = ckpts.latest()
+    ckpts = Checkpointer(
+        run_dir, cfg.ckpt.keep_last, cfg.ckpt.milestone_every,
+        ConvertSettings(cfg.ckpt.convert_workers, cfg.ckpt.convert_timeout_s),
+    )  # fmt: skip
+    resume = ckpts.agreed_latest()  # rank 0 chooses; every rank must see it complete
     if resume is None and cfg.init_from:
         model.load_state_dict(load_lightningdit(cfg.init_from).state_dict())
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    ema = EMA(model, cfg.ema_decay)  # fp32, from the fp32 weights, before DeepSpeed casts the module
+    init = fp32_snapshot(model)  # the EMA starts from the fp32 weights, before DeepSpeed casts the module
     elastic = resume is not None and resume.meta["world_size"] != topo.world_size
     ds_config = deepspeed_config(
         micro_batch=topo.micro_batch, grad_accum=topo.grad_accum, world_size=topo.world_size,
-        dtype=topo.dtype, grad_clip=cfg.optim.grad_clip, zero_stage=cfg.zero_stage, load_universal=elastic,
+        dtype=topo.dtype, grad_clip=cfg.optim.grad_clip, zero_stage=cfg.zero_stage, comm_dtype=cfg.comm_dtype,
+        load_universal=elastic,
     )  # fmt: skip
     engine = build_engine(
         model, [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=cfg.optim.betas,
         eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps, ds_config=ds_config,
     )  # fmt: skip
+    ema = ShardedEMA(engine, init, cfg.ema_decay)  # this rank's partition of the fp32 master weights
+    if resume is None:
+        ema.seed_master(init)  # start from the fp32 weights, not DeepSpeed's bf16-rounded copy
+    del init
     step = 0
     if resume is not None:
         ckpts.load(resume, {"model": engine})
@@ -128,11 +138,11 @@ def train(cfg: TrainDiTConfig) -> None:
     signals, logger, meter = StopSignals(), Logger(run_dir, step), Meter()
     sums: dict[str, float] = {"loss/total": 0.0, "loss/mse": 0.0, "loss/cos": 0.0}
     skipped = 0
-    batches = reader.batches(step)
+    batches, shards = reader.batches(step), ShardGuard(cfg.data, manifest, run_dir)
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            batch = next(batches)  # data
+            batch = shards.next(batches, step)  # data (a bad shard stops every rank here)
             t1 = time.perf_counter()
             x1 = normalize_latents(batch.x.to(topo.device, non_blocking=True), mean, std)
             y = batch.y.to(topo.device)
@@ -159,7 +169,7 @@ def train(cfg: TrainDiTConfig) -> None:
                 )
             step += 1
             if engine.was_step_applied():
-                ema.update(engine.module)  # EMA
+                ema.update()  # EMA of the fp32 master weights the step just wrote
             else:
                 skipped += 1
             meter.add(topo.global_batch, t1 - t0, time.perf_counter() - t0)
@@ -174,6 +184,7 @@ def train(cfg: TrainDiTConfig) -> None:
                     "opt/skipped_steps": float(skipped),
                     "sys/memory_gb": memory_bytes(topo.device) / 2**30,
                     "sys/optimizer_state_mb_rank0": optimizer_state_bytes(engine) / 2**20,
+                    "sys/ema_mb_rank0": ema.nbytes() / 2**20,
                 }
                 logger.scalars(step, values)
                 print0(f"step {step}/{cfg.steps} loss {values['loss/total']:.4f} mse {values['loss/mse']:.4f} "
@@ -184,21 +195,22 @@ def train(cfg: TrainDiTConfig) -> None:
                         "zero_stage": cfg.zero_stage, "kind": "dit", "model_args": asdict(args)}  # fmt: skip
                 ckpts.save(step, {"model": engine}, ema.state_dict(), meta)
             if cfg.log.sample_every and (step % cfg.log.sample_every == 0 or step == cfg.steps):  # samples
-                sample_grid(cfg, args, ema, manifest, step, run_dir, logger, topo.device)
+                sample_grid(cfg, args, ema.state_dict(), manifest, step, run_dir, logger, topo.device)
             if stopping:
                 raise StopRequested(f"stopped by signal {signals.received} at step {step}, checkpoint saved")
     finally:
         signals.restore()
         logger.close()
+    weights = ema.state_dict()  # gathered on every rank (a collective), written by rank 0
     if topo.rank == 0:
-        export_weights(
-            run_dir, step, LightningDiT(replace(args, grad_checkpointing=False)), ema.state_dict(), cfg
-        )
+        export_weights(run_dir, step, LightningDiT(replace(args, grad_checkpointing=False)), weights, cfg)
     dist.barrier()
 
 
 @torch.no_grad()
-def sample_grid(cfg, args, ema, manifest, step, run_dir: Path, logger: Logger, dev) -> None:
+def sample_grid(
+    cfg, args, weights: dict[str, torch.Tensor], manifest, step, run_dir: Path, logger: Logger, dev
+) -> None:
     """Rank 0: one row per class (up to 10), 8 EMA samples each, fixed noise, Euler on 32 shifted points.
 
     Decoded by the VA-VAE when `cfg.vavae` names one, else shown as the first 3 latent channels.
@@ -208,7 +220,7 @@ def sample_grid(cfg, args, ema, manifest, step, run_dir: Path, logger: Logger, d
     import torchvision
 
     model = LightningDiT(replace(args, grad_checkpointing=False)).to(dev).eval()
-    ema.copy_to(model)
+    model.load_state_dict(weights, strict=True)  # the gathered EMA
     classes = min(len(manifest.classes), 10)
     y = torch.arange(classes, device=dev).repeat_interleave(8)
     g = torch.Generator().manual_seed(cfg.seed + 12345)

@@ -33,6 +33,7 @@ def deepspeed_config(
     dtype: torch.dtype,
     grad_clip: float,
     zero_stage: int,
+    comm_dtype: str = "fp32",
     load_universal: bool = False,
 ) -> dict[str, Any]:
     """The DeepSpeed JSON of one engine, generated from our config (saved as ds_config.json in the run).
@@ -40,7 +41,19 @@ def deepspeed_config(
     Clipping is written explicitly (DeepSpeed's default became 1.0 in 0.19.3; the reference does not
     clip). bf16 keeps fp32 master weights and optimizer state in the ZeRO partitions and skips a step
     whose gradients are not finite (`check_grad_overflow`).
+
+    Gradients under bf16 (DeepSpeed issues #2352, #2768 report divergence from bf16 accumulation and
+    all-reduce): `data_types.grad_accum_dtype` asks for fp32 accumulation. DeepSpeed 0.19.8 honours it
+    with its BF16 optimizer (stage 1: an fp32 gradient buffer per partition); at stage 2 it keeps the
+    reduced gradient partitions in the module's dtype (`use_grad_accum_attribute` is off when
+    `partition_gradients`, deepspeed/runtime/zero/stage_1_and_2.py), so stage 2 accumulates in bf16
+    over micro-batches whatever the key says. Stage 0 with bf16 refuses fp32 accumulation
+    (`_do_optimizer_sanity_check`), so the key is written for stages >= 1 only.
+    `communication_data_type` is the dtype of the gradient reduce-scatter / all-reduce: fp32 (our
+    default, the reference's DDP reduces fp32 gradients) or bf16 (half the bytes on the wire, DeepSpeed's
+    own default under bf16).
     """
+    data_types = {"grad_accum_dtype": "fp32"} if zero_stage >= 1 else {}
     return {
         "train_batch_size": micro_batch * grad_accum * world_size,
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -48,6 +61,8 @@ def deepspeed_config(
         "gradient_clipping": grad_clip,
         "zero_optimization": {"stage": zero_stage, "overlap_comm": False, "contiguous_gradients": True},
         "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": True},
+        "data_types": data_types,
+        "communication_data_type": comm_dtype,
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,

@@ -5,19 +5,19 @@
   stream settings, the shard set and its kind, the latent statistics, and the VA-VAE that decodes the
   sample grids against the latents' shape. Every problem found is listed in one PreflightError whose
   message says what to change (the CLI exits 2), so a mistake costs seconds, not a queue wait.
-- :func:`open_training_shards` runs on every rank of the job, before the first step: the shard files
-  are verified against the manifest, the ranks splitting the work (rank r verifies shards i ≡ r mod W)
-  and all-gathering the results, so every rank takes the same decision. With `data.bad_shards=error`
-  every rank stops with the list of bad shards and the check each failed; with `skip` they are left
-  out and logged, and the reader plans over the remaining shards only (the stream plan is a pure
-  function of their counts, so the elastic invariants hold for the reduced set).
+- :func:`open_training_shards` runs on every rank of the job, before the first step. The first start
+  of a run with `data.verify=sha256` reads every shard once (the ranks split them) and records the pass
+  in the run directory (data_prep/verify.py, keyed by the manifest's sha256); a requeue then compares
+  sizes only, and the stream hashes each shard as it reads it (trainer/shard_guard.py stops every rank
+  at the step that reads a changed shard). The results are all-gathered, so every rank takes the same
+  decision. With `data.bad_shards=error` every rank stops with the list of bad shards and the check
+  each failed; with `skip` they are left out and logged, and the reader plans over the remaining
+  shards only (the stream plan is a pure function of their counts, so the elastic invariants hold for
+  the reduced set).
 
 A shard set that holds no sample is refused by both. A remote set (`data.shards` a `pipe:` template or a
-URL, data_prep/manifest.py) has its manifest read through the same opener. Its shards have no size to
-`stat`, so `data.verify=sha256` streams each shard once before the first step (the ranks split them) and
-checks size, sha256, sample count and format on the bytes read; `data.verify=size` skips that pass.
-Either way the reader checks each remote shard's size, sha256 and count again as it streams it for
-training (hashing the bytes in memory, no second read), so a shard changed since is named when read.
+URL, data_prep/manifest.py) has its manifest read through the same opener; its shards have no size to
+`stat`, so a requeue checks nothing before the first step and relies on the stream's check.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from data_prep.manifest import (
     file_url,
     is_remote,
     load_manifest,
+    manifest_sha256,
 )
 from trainer.config import StreamConfig, TrainCommon, world_size_problems
 
@@ -136,14 +137,24 @@ def _vavae_problems(
     return found
 
 
-def open_training_shards(data: StreamConfig, kind: Kind) -> Manifest:
-    """The manifest of `data.shards`, its shard files verified on every rank before the first step.
+def open_training_shards(data: StreamConfig, kind: Kind, run_dir: Path | None = None) -> Manifest:
+    """The manifest of `data.shards`, its shard files checked on every rank before the first step.
 
-    `data.verify=sha256` reads each shard once (size, sha256 and sample count, by
-    :func:`data_prep.verify.verify_shard`); `size` compares file sizes only. Rank r verifies the shards
-    i ≡ r (mod W); the results are all-gathered, so every rank sees every bad shard. With
-    `data.bad_shards=error` every rank raises ShardSetError naming each bad shard and the check it
-    failed; with `skip`, rank 0 logs them and the returned manifest holds only the others.
+    What a start reads (`run_dir`'s record, data_prep/verify.py :class:`VerifyRecord`, keyed by the
+    manifest's sha256; rank 0 reads it and broadcasts it, so every rank takes the same decision):
+
+    - `data.verify=sha256` and no record of a full pass over this manifest (a run's first start): every
+      shard is read once (size, sha256, sample count, format; :func:`data_prep.verify.verify_shard`),
+      the ranks splitting them (rank r checks the shards i ≡ r mod W); the pass is recorded.
+    - `data.verify=sha256` with that record (a requeue), or `data.verify=size`: sizes only (`stat`; a
+      remote shard has none, so nothing). Shards the record names bad (found by the pass or by the
+      stream mid-run) are read again in full, so a restored shard is taken back.
+
+    Either way the reader hashes every shard as it streams it (data_prep/reader.py) and a shard that no
+    longer matches stops the run at the step that reads it (trainer/shard_guard.py). The results are
+    all-gathered, so every rank sees every bad shard. With `data.bad_shards=error` every rank raises
+    ShardSetError naming each bad shard and the check it failed; with `skip`, rank 0 logs them and the
+    returned manifest holds only the others. Without `run_dir` nothing is recorded (a full pass each time).
     """
     manifest = load_manifest(data.shards, kind)
     if problem := empty_problem(data.shards, manifest):
@@ -151,15 +162,22 @@ def open_training_shards(data: StreamConfig, kind: Kind) -> Manifest:
     import torch.distributed as dist
 
     from data_prep.reader import without_shards
-    from data_prep.verify import verify_shard
+    from data_prep.verify import RECORD, VerifyRecord, read_record, verify_shard, write_record
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    digest = manifest_sha256(data.shards)
+    found_record = [read_record(run_dir / RECORD) if run_dir is not None and rank == 0 else None]
+    dist.broadcast_object_list(found_record, src=0)
+    record = found_record[0]
+    if record is None or not record.matches(str(data.shards), digest):
+        record = VerifyRecord(str(data.shards), digest)
+    full = data.verify == "sha256" and not record.full_pass
     mine = list(range(rank, len(manifest.shards), world))
 
     def check(i: int) -> str | None:
         info = manifest.shards[i]
-        if data.verify == "sha256":
-            return verify_shard(data.shards, info)  # a remote shard: streamed once and hashed
+        if full or info.name in record.bad:
+            return verify_shard(data.shards, info)  # the whole shard read once (streamed, when remote)
         if is_remote(data.shards):  # no size to stat: the reader checks each shard as it streams it
             return None
         return next(iter(check_shards(data.shards, [info], hashes=False, threads=1)), None)
@@ -170,12 +188,21 @@ def open_training_shards(data: StreamConfig, kind: Kind) -> Manifest:
     parts: list[dict[int, str] | None] = [None] * world
     dist.all_gather_object(parts, found)
     bad = dict(sorted((i, msg) for part in parts for i, msg in (part or {}).items()))
+    if full:
+        how = "every shard read once (size, sha256, samples)"
+    else:
+        how = "sizes only" + (" (a full pass is recorded for this manifest)" if record.full_pass else "")
+        how += f"; {len(record.bad)} shard(s) recorded bad read again" if record.bad else ""
     if rank == 0:
         print(
-            f"verified {len(manifest.shards)} shards of {data.shards} (data.verify={data.verify}, "
-            f"{world} rank(s)) in {time.perf_counter() - start:.1f} s: {len(bad)} bad",
+            f"verified {len(manifest.shards)} shards of {data.shards} (data.verify={data.verify}, {world} "
+            f"rank(s)) in {time.perf_counter() - start:.1f} s: {len(bad)} bad; {how}",
             flush=True,
         )
+        if run_dir is not None:
+            record.full_pass |= full
+            record.bad = {manifest.shards[i].name: msg for i, msg in bad.items()}
+            write_record(run_dir / RECORD, record)
     if not bad:
         return manifest
     listing = "\n  ".join(bad.values())

@@ -47,7 +47,6 @@ from torch import nn
 
 from data_prep.reader import StreamReader, image_decoder
 from models.discriminator import NLayerDiscriminator
-from models.ema import EMA
 from models.foundation import FoundationModel
 from models.lpips import LPIPS
 from models.vavae import (
@@ -84,7 +83,10 @@ from trainer.export import (
     training_extras,
 )
 from trainer.preflight import open_training_shards
+from trainer.shard_guard import ShardGuard
+from trainer.sharded_ema import ShardedEMA, fp32_snapshot
 from trainer.stages import gan_steps, load_init, stage_uses, trained_extras
+from trainer.universal import ConvertSettings
 
 __all__ = ["DISC_PREFIX", "TRAINING_EXTRAS", "gan_steps", "train"]
 
@@ -199,13 +201,16 @@ def fp32_out(net: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) ->
 def train(cfg: TrainVAVAEConfig) -> None:
     topo = topology(cfg)
     run_dir = cfg.run.dir
-    manifest = open_training_shards(cfg.data, "images")  # verified on every rank before step 0
+    manifest = open_training_shards(cfg.data, "images", run_dir)  # checked on every rank before step 0
     args = autoencoder_args(cfg.model)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every attempt
     autoencoder, discriminator = AutoencoderKL(args), NLayerDiscriminator()
     loss_fn = build_loss(cfg, args).to(topo.device)
-    ckpts = Checkpointer(run_dir, cfg.ckpt.keep_last, cfg.ckpt.milestone_every)
-    resume = ckpts.latest()
+    ckpts = Checkpointer(
+        run_dir, cfg.ckpt.keep_last, cfg.ckpt.milestone_every,
+        ConvertSettings(cfg.ckpt.convert_workers, cfg.ckpt.convert_timeout_s),
+    )  # fmt: skip
+    resume = ckpts.agreed_latest()  # rank 0 chooses; every rank must see it complete
     loaded: set[str] = set()  # training extras with weights from outside this run (init_from)
     if resume is None and cfg.init_from:
         message, loaded = load_init(
@@ -213,11 +218,12 @@ def train(cfg: TrainVAVAEConfig) -> None:
         )
         print0(message)
     autoencoder.set_grad_checkpointing(cfg.grad_checkpointing)
-    ema = EMA(autoencoder, cfg.ema_decay)  # fp32, from the fp32 weights, before DeepSpeed casts the module
+    init = fp32_snapshot(autoencoder)  # the EMA starts from the fp32 weights, before DeepSpeed casts them
     elastic = resume is not None and resume.meta["world_size"] != topo.world_size
     ds_config = deepspeed_config(
         micro_batch=topo.micro_batch, grad_accum=topo.grad_accum, world_size=topo.world_size,
-        dtype=topo.dtype, grad_clip=cfg.optim.grad_clip, zero_stage=cfg.zero_stage, load_universal=elastic,
+        dtype=topo.dtype, grad_clip=cfg.optim.grad_clip, zero_stage=cfg.zero_stage, comm_dtype=cfg.comm_dtype,
+        load_universal=elastic,
     )  # fmt: skip
     engines = {}
     for name, module in (
@@ -230,6 +236,10 @@ def train(cfg: TrainVAVAEConfig) -> None:
             ds_config=ds_config,
         )  # fmt: skip
     ae_engine, d_engine = engines["autoencoder"], engines["discriminator"]
+    ema = ShardedEMA(ae_engine, init, cfg.ema_decay, prefix="autoencoder.")  # of the AE engine's fp32 master
+    if resume is None:
+        ema.seed_master(init)  # start from the fp32 weights, not DeepSpeed's bf16-rounded copy
+    del init
     discriminator.to(topo.dtype)  # DeepSpeed casts parameters only; BatchNorm wants its statistics alike
     step = 0
     if resume is not None:
@@ -260,11 +270,11 @@ def train(cfg: TrainVAVAEConfig) -> None:
     signals, logger, meter = StopSignals(), Logger(run_dir, step), Meter()
     sums: dict[str, float] = {}
     skipped = 0
-    batches = reader.batches(step)
+    batches, shards = reader.batches(step), ShardGuard(cfg.data, manifest, run_dir)
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            batch = next(batches)  # data
+            batch = shards.next(batches, step)  # data (a bad shard stops every rank here)
             t1 = time.perf_counter()
             order = micro_batch_order(batch.positions, per_stream, topo)
             x = batch.x[order].to(topo.device, non_blocking=True)  # (b, 3, H, W) in [-1, 1]
@@ -297,7 +307,7 @@ def train(cfg: TrainVAVAEConfig) -> None:
                 )
             step += 1
             if ae_engine.was_step_applied():
-                ema.update(autoencoder)  # EMA
+                ema.update()  # EMA of the fp32 master weights the step just wrote
             else:
                 skipped += 1
             meter.add(topo.global_batch, t1 - t0, time.perf_counter() - t0)
@@ -310,6 +320,7 @@ def train(cfg: TrainVAVAEConfig) -> None:
                     values[f"opt/{name}/grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
                     values[f"sys/{name}/optimizer_state_mb_rank0"] = optimizer_state_bytes(engine) / 2**20
                 values |= {
+                    "sys/ema_mb_rank0": ema.nbytes() / 2**20,
                     "opt/skipped_steps": float(skipped),
                     "sys/memory_gb": memory_bytes(topo.device) / 2**30,
                 }
@@ -329,12 +340,13 @@ def train(cfg: TrainVAVAEConfig) -> None:
     finally:
         signals.restore()
         logger.close()
+    weights = ema.state_dict()  # gathered on every rank (a collective), written by rank 0
     if topo.rank == 0:  # the same folder `ldit export` writes from the last checkpoint
         extras = training_extras(
             ae_engine.module.state_dict(), d_engine.module.state_dict(), trained_extras(cfg, step, loaded)
         )
         model = AutoencoderKL(replace(args, grad_checkpointing=False))
-        export_weights(run_dir, step, model, ema.state_dict(), cfg, extras)
+        export_weights(run_dir, step, model, weights, cfg, extras)
     dist.barrier()
 
 
