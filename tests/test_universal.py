@@ -148,20 +148,25 @@ def test_half_written_universal_folder_is_never_loaded(latents, straight, saved_
 
 
 @pytest.mark.slow
-def test_conversion_longer_than_the_collective_timeout(latents, tmp_path):
-    """1 → 2 ranks with collective_timeout_s=3 on a DiT whose conversion takes longer than that (~6 s here):
-    rank 1 waits for the marker, not in a collective, and the run goes on."""
-    big = ("model.depth=12", "model.hidden_size=256", "model.num_heads=4", "collective_timeout_s=3")
-    train(latents, tmp_path, "big", "steps=2", "ckpt.every=2", *big, local=1)
-    proc = train(
-        latents, tmp_path, "big", "steps=4", "ckpt.every=2", "ckpt.convert_workers=2", *big, check=False
+def test_conversion_longer_than_the_collective_timeout(latents, tmp_path, monkeypatch):
+    """1 → 2 ranks with collective_timeout_s=3 while the conversion takes over 6 s: rank 1 waits for the
+    marker, not in a collective, and the run goes on. The converter is slowed like a slow file system
+    would: a `sitecustomize` on PYTHONPATH sleeps 6 s in the process whose arguments are the converter's
+    (`--parent`), so the test does not depend on how fast this machine converts."""
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(
+        "import sys, time\n\nif '--parent' in sys.argv:\n    time.sleep(6)\n"
     )
+    train(latents, tmp_path, "slow", "steps=2", "ckpt.every=2", "collective_timeout_s=3", local=1)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")])))
+    proc = train(latents, tmp_path, "slow", "steps=4", "ckpt.every=2", "collective_timeout_s=3", check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seconds = converted(proc.stdout)
-    print(f"12 x 256 DiT (22 M parameters): universal conversion {seconds:.2f} s at collective_timeout_s=3")
-    assert seconds > 3
-    assert "resumed big at step 2 (elastic: universal checkpoint)" in proc.stdout
-    assert len(losses(tmp_path, "big")) == 4
+    print(f"universal conversion {seconds:.2f} s (6 s of it a sleep) at collective_timeout_s=3")
+    assert seconds > 6
+    assert "resumed slow at step 2 (elastic: universal checkpoint)" in proc.stdout
+    assert len(losses(tmp_path, "slow")) == 4
 
 
 @pytest.mark.slow
