@@ -160,9 +160,17 @@ def init_distributed(timeout_s: float = 600.0) -> DistEnv:
 
 
 def shutdown() -> None:
-    """Leave the process group (every rank calls it at the end of a job)."""
+    """Leave the process group (every rank calls it at the end of a job).
+
+    Unreachable objects are collected first: a DeepSpeed engine sits in reference cycles, and a gloo work
+    object it still holds, destroyed during interpreter finalisation, aborts the process ("terminate
+    called without an active exception"; pytorch/pytorch PR #179291 describes the mechanism).
+    """
+    import gc
+
     import torch.distributed as dist
 
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -53,4 +53,5 @@ flat = torch.cat([p.detach().flatten() for p in engine.module.parameters()])
 (out / f"rank{env.rank}.json").write_text(
     json.dumps({"losses": losses, "params": flat.tolist(), "optimizer_state_bytes": state_bytes})
 )
+del engine, optimizer  # freed before the group is torn down (slurm.env.shutdown)
 shutdown()
