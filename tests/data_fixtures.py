@@ -111,3 +111,28 @@ def gaussian_latent_set(
     )
     m.save(folder)
     return m
+
+
+def cut_set(src: Path, folder: Path) -> tuple[str, str]:
+    """A copy of latent set `src` whose shard 4 is cut before its last member, with the manifest's size
+    and sha256 of it updated (as a copy tool that re-hashed would): only the tar's contents show it."""
+    import dataclasses
+    import shutil
+    import tarfile
+
+    from data_prep.manifest import load_manifest, sha256_file
+
+    shutil.copytree(src, folder)
+    m = load_manifest(folder)
+    path = folder / m.shards[4].name
+    with tarfile.open(path) as tf:
+        last = tf.getmembers()[-1]
+    path.write_bytes(path.read_bytes()[: last.offset])
+    m.shards[4] = dataclasses.replace(m.shards[4], bytes=last.offset, sha256=sha256_file(path))
+    m.save(folder)
+    key = last.name.split(".")[0]
+    return str(path), (
+        f"shard {path}: cut short at byte {last.offset}: it ends without the end-of-archive blocks (two "
+        f"512-byte zero blocks), and its last sample {key} lacks member(s) latent_flip.npy; copy or write "
+        "the shard again"
+    )

@@ -734,25 +734,10 @@ def test_cut_tar_is_named_by_the_verify_and_by_the_reader(latents, tmp_path):
     """Cut tar: shard 4 cut before its last member, the manifest's size and sha256 updated to the cut file
     (as a copy tool that re-hashed would). `data.verify=sha256` stops every rank before training, naming the
     shard, its last sample and the missing member; with `size` the reader names it when it reaches it."""
-    import dataclasses
-    import tarfile
-
-    from data_prep.manifest import sha256_file
+    from tests.data_fixtures import cut_set
 
     folder = tmp_path / "set"
-    shutil.copytree(latents, folder)
-    m = load_manifest(folder)
-    path = folder / m.shards[4].name
-    with tarfile.open(path) as tf:
-        last = tf.getmembers()[-1]
-    path.write_bytes(path.read_bytes()[: last.offset])
-    m.shards[4] = dataclasses.replace(m.shards[4], bytes=last.offset, sha256=sha256_file(path))
-    m.save(folder)
-    message = (
-        f"shard {path}: cut short at byte {last.offset}: it ends without the end-of-archive blocks (two 512-byte "
-        f"zero blocks), and its last sample {last.name.split('.')[0]} lacks member(s) latent_flip.npy; copy or "
-        "write the shard again"
-    )
+    _, message = cut_set(latents, folder)
     proc = train(folder, tmp_path, "sha", "steps=6", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"1 of 12 shards of {folder} do not match the manifest (data.verify=sha256); nothing was trained:\n  {message}\n" in proc.stderr  # fmt: skip

@@ -4,7 +4,6 @@ shard, the sample and the member, by read_shard, the verifier and the training r
 from __future__ import annotations
 
 import io
-import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from data_prep.manifest import ShardSetError, load_manifest
 from data_prep.reader import StreamReader, latent_decoder
 from data_prep.shards import encode_npy, read_shard, write_shard
-from tests.data_fixtures import latent_set
+from tests.data_fixtures import cut_set, latent_set
 
 B, V, SEED = 12, 4, 5
 
@@ -107,30 +106,6 @@ def test_sample_without_a_member_is_refused_in_a_well_ended_tar(tmp_path):
         assert str(err.value) == (
             f"shard {path}: sample {key} lacks member(s) {missing} ({layout}); write the shard again"
         )
-
-
-def cut_set(src, folder) -> tuple[str, str]:
-    """A copy of latent set `src` whose shard 4 is cut before its last member, with the manifest's size
-    and sha256 of it updated (as a copy tool that re-hashed would): only the tar's contents show it."""
-    import dataclasses
-    import tarfile
-
-    from data_prep.manifest import sha256_file
-
-    shutil.copytree(src, folder)
-    m = load_manifest(folder)
-    path = folder / m.shards[4].name
-    with tarfile.open(path) as tf:
-        last = tf.getmembers()[-1]
-    path.write_bytes(path.read_bytes()[: last.offset])
-    m.shards[4] = dataclasses.replace(m.shards[4], bytes=last.offset, sha256=sha256_file(path))
-    m.save(folder)
-    key = last.name.split(".")[0]
-    return str(path), (
-        f"shard {path}: cut short at byte {last.offset}: it ends without the end-of-archive blocks (two "
-        f"512-byte zero blocks), and its last sample {key} lacks member(s) latent_flip.npy; copy or write "
-        "the shard again"
-    )
 
 
 def test_cut_tar_is_refused_by_the_verifier_and_the_training_reader(shard_set, tmp_path):
