@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.universal import ConvertSettings, ensure_universal
+from trainer.universal import ConvertSettings, ensure_universal, listed_file_problems
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +89,7 @@ def problems(path: Path) -> list[str]:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         return [f"{meta_path}: unreadable ({exc})"]
-    out = []
-    for rel, size in meta["files"].items():
-        f = path / rel
-        if not f.is_file():
-            out.append(f"{f}: missing")
-        elif f.stat().st_size != size:
-            out.append(f"{f}: {f.stat().st_size} bytes, {META} says {size} (truncated?)")
-    return out
+    return listed_file_problems(path, meta["files"], META, " (truncated?)")
 
 
 class Checkpointer:

@@ -83,13 +83,19 @@ def universal_problems(dst: Path) -> list[str]:
         files = json.loads(marker.read_text())["files"]
     except (json.JSONDecodeError, KeyError) as exc:
         return [f"{marker}: unreadable ({exc})"]
+    return listed_file_problems(dst, files, MARKER)
+
+
+def listed_file_problems(root: Path, files: dict[str, int], listing: str, hint: str = "") -> list[str]:
+    """Each file of `files` ({path relative to `root`: size}, from the file `listing`) that is missing or
+    of another size; `hint` follows a size mismatch. Serves universal folders and checkpoints alike."""
     out = []
     for rel, size in files.items():
-        f = dst / rel
+        f = root / rel
         if not f.is_file():
             out.append(f"{f}: missing")
         elif f.stat().st_size != size:
-            out.append(f"{f}: {f.stat().st_size} bytes, {MARKER} says {size}")
+            out.append(f"{f}: {f.stat().st_size} bytes, {listing} says {size}{hint}")
     return out
 
 
