@@ -11,6 +11,7 @@ restart at 1 on a fresh cluster, and an old folder could hand back a stale resul
 from __future__ import annotations
 
 import datetime
+import os
 import re
 import signal
 import subprocess
@@ -253,6 +254,33 @@ def test_sweep_over_one_and_two_nodes_writes_the_report(tmp_path):
     assert set(json.loads((root / "sweep.json").read_text())["jobs"]) == {"1", "2"}
 
 
+SLOW_STEPS = """\
+import importlib.abc, importlib.util, sys, time
+
+
+class SlowSteps(importlib.abc.MetaPathFinder):
+    \"\"\"Once trainer.shard_guard is imported, each ShardGuard.next (one a step) sleeps 0.08 s first.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "trainer.shard_guard":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            fetch = module.ShardGuard.next
+            module.ShardGuard.next = lambda self, *a: (time.sleep(0.08), fetch(self, *a))[1]
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, SlowSteps())
+"""
+
+
 def test_time_limit_requeues_training_and_it_ends_like_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
     """A 2-minute limit stops the tiny DiT mid-run: every rank saves, submitit requeues the job, it resumes
     from that checkpoint, and it ends with the same steps and losses as the same run with no limit."""
@@ -265,9 +293,16 @@ def test_time_limit_requeues_training_and_it_ends_like_an_uninterrupted_run(tmp_
     from tests.conftest import clean_env
     from tests.data_fixtures import gaussian_latent_set
 
-    # ~75 s of training on 4 ranks here. A segment trains 20-60 s (CI: 314-690 steps a segment, 455 in the
-    # first, which also starts up), so the run needs at least one requeue, usually one or two.
-    steps = 1000
+    # SLURM signals 45-75 s after the start (below), so the run must outlast 75 s on any machine: its steps
+    # take 0.024-0.075 s here (a fresh-clone CI run did 1000 in 44 s and was never signalled), so a
+    # `sitecustomize` the job inherits through PYTHONPATH adds 0.08 s to each step (ShardGuard.next, once a
+    # step on every rank): 800 steps take at least 83 s, and the run needs at least one requeue.
+    steps = 800
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_STEPS)
+    straight_env = clean_env()  # the reference run, unslowed
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job inherits it: the reference's thread count
     gaussian_latent_set(tmp_path / "latents")
     common = ["configs/dit/tiny_cpu.yaml", f"data.shards={tmp_path / 'latents'}", f"run.root={tmp_path / 'runs'}",
@@ -288,7 +323,7 @@ def test_time_limit_requeues_training_and_it_ends_like_an_uninterrupted_run(tmp_
     job = submitit.SlurmJob(folder=f"{tmp_path}/logs/%j", job_id=job_id, tasks=range(4))
     assert wait(job, 1500) == "COMPLETED", logs(job)
     ref = subprocess.run([sys.executable, "-m", "slurm.cli", "train", *common, "run.name=straight", "--local", "4"],
-                         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=900)  # fmt: skip
+                         cwd=ROOT, env=straight_env, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert ref.returncode == 0, ref.stderr[-3000:]
     history = subprocess.run(
         ["sacct", "-n", "-X", "-D", "-o", "State", "-j", job_id], capture_output=True, text=True

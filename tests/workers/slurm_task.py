@@ -49,8 +49,12 @@ def main(cfg: SlurmTaskConfig) -> None:
         if rank == 0:
             with runs.open("a") as f:
                 f.write(f"run {os.environ.get('SLURM_RESTART_COUNT', '0')} at {time.time():.1f}\n")
-        if first:
-            time.sleep(cfg.sleep_s)
+        if first:  # in 1 s slices, as a training loop returns to Python between steps: the kernel may hand
+            # SLURM's USR2 to another thread (gloo's, the TCPStore's), and Python runs the handler only when
+            # the main thread next runs Python code; one 300 s sleep would hide it until SIGTERM at the limit
+            end = time.monotonic() + cfg.sleep_s
+            while time.monotonic() < end:
+                time.sleep(1.0)
         return
     x = torch.tensor([float(rank + 1)])
     dist.all_reduce(x)
