@@ -43,7 +43,7 @@ from trainer.engine import build_engine, deepspeed_config
 from trainer.export import export_weights
 from trainer.preflight import open_training_shards
 from trainer.shard_guard import ShardGuard
-from trainer.sharded_ema import ShardedEMA, fp32_snapshot
+from trainer.sharded_ema import ShardedEMA, fp32_snapshot, seed_fp32_master
 from trainer.universal import ConvertSettings
 
 
@@ -112,7 +112,7 @@ def train(cfg: TrainDiTConfig) -> None:
     )  # fmt: skip
     ema = ShardedEMA(engine, init, cfg.ema_decay)  # this rank's partition of the fp32 master weights
     if resume is None:
-        ema.seed_master(init)  # start from the fp32 weights, not DeepSpeed's bf16-rounded copy
+        seed_fp32_master(engine, init)  # start from the fp32 weights, not DeepSpeed's bf16-rounded copy
     del init
     step = 0
     if resume is not None:

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["ShardedEMA", "fp32_snapshot"]
+__all__ = ["ShardedEMA", "fp32_snapshot", "seed_fp32_master"]
 
 
 def fp32_snapshot(model: nn.Module) -> dict[str, Tensor]:
@@ -84,36 +84,9 @@ class ShardedEMA:
             for n, p in engine.module.named_parameters()
             if n.startswith(prefix) and n.removeprefix(prefix) in init
         }
-        opt = engine.optimizer
-        if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO stages 1-2
-            lp_groups, flats, self._master_attr = (
-                opt.bit16_groups,
-                opt.bit16_groups_flat,
-                "single_partition_of_fp32_groups",
-            )
-        elif hasattr(opt, "fp32_groups_flat_partition"):  # DeepSpeed's BF16 optimizer
-            lp_groups, flats, self._master_attr = (
-                opt.bf16_groups,
-                opt.bf16_groups_flat,
-                "fp32_groups_flat_partition",
-            )
-        else:  # no ZeRO, fp32: the module's parameters are the master weights
-            lp_groups = [[p] for p in engine.module.parameters() if p.requires_grad]
-            flats, self._master_attr = [g[0] for g in lp_groups], ""
-            if any(g[0].dtype != torch.float32 for g in lp_groups):
-                raise NotImplementedError(
-                    "the fp32 EMA needs DeepSpeed's fp32 master weights: use zero_stage >= 1 with bf16"
-                )
-        self.world = dist.get_world_size() if self._master_attr else 1
-        self.rank = dist.get_rank() if self._master_attr else 0
-        self.slots: list[_Slot] = []
-        self.partition_size: list[int] = []
-        for g, (params, flat) in enumerate(zip(lp_groups, flats)):
-            self.partition_size.append(flat.numel() // self.world)
-            for p in params:
-                if id(p) in names:
-                    offset = (p.data_ptr() - flat.data_ptr()) // flat.element_size()
-                    self.slots.append(_Slot(names[id(p)], g, offset, p.numel(), p.shape))
+        layout = _Layout(engine, names)
+        self._master_attr, self.world, self.rank = layout.master_attr, layout.world, layout.rank
+        self.slots, self.partition_size = layout.slots, layout.partition_size
         with torch.no_grad():
             self.shards = [m.detach().to(torch.float32, copy=True).view(-1) for m in self._masters()]
             self._fill(init)
@@ -125,17 +98,10 @@ class ShardedEMA:
         self.buffers = {n: init[n] for n in self._order if n not in averaged and n not in frozen}
 
     def _masters(self) -> list[Tensor]:
-        """This rank's fp32 master partitions (fetched each time: a checkpoint load may replace them)."""
-        if self._master_attr:
-            return list(getattr(self._engine.optimizer, self._master_attr))
-        return [p.detach() for p in self._engine.module.parameters() if p.requires_grad]
+        return _masters(self._engine, self._master_attr)
 
     def _window(self, s: _Slot) -> tuple[int, int, int] | None:
-        """(start in the parameter, start in this rank's partition, length) of `s`'s part on this rank."""
-        lo = self.rank * self.partition_size[s.group]
-        hi = lo + self.partition_size[s.group]
-        a, b = max(s.offset, lo), min(s.offset + s.numel, hi)
-        return None if a >= b else (a - s.offset, a - lo, b - a)
+        return _window(s, self.rank, self.partition_size)
 
     def _fill(self, whole: dict[str, Tensor]) -> None:
         """Copy this rank's slices of every averaged parameter from a whole state_dict."""
@@ -155,24 +121,6 @@ class ShardedEMA:
             frozen = list(self.frozen.values())
             torch._foreach_mul_(frozen, self.decay)
             torch._foreach_add_(frozen, list(self._frozen_source.values()), alpha=1.0 - self.decay)
-
-    @torch.no_grad()
-    def seed_master(self, init: dict[str, Tensor]) -> None:
-        """Write the exact fp32 weights `init` into this rank's fp32 master partitions (a fresh start).
-
-        DeepSpeed builds its fp32 master weights from the module it was given, which it has cast to bf16
-        under bf16: without this, training would start from bf16-rounded weights, where the reference
-        (fp32 with autocast) starts from the fp32 initialisation. The bf16 module keeps its rounded copy,
-        which the first step overwrites from the master. A no-op in effect in fp32. Parameters outside
-        `prefix` (the VA-VAE's projection) are not covered.
-        """
-        if not self._master_attr:
-            return
-        masters = [m.view(-1) for m in self._masters()]
-        for s in self.slots:
-            if (w := self._window(s)) is not None:
-                src, dst, n = w
-                masters[s.group][dst : dst + n].copy_(init[s.name].reshape(-1)[src : src + n])
 
     def nbytes(self) -> int:
         """Bytes of EMA state this rank holds (its partitions, the frozen parameters and the buffers)."""
@@ -215,3 +163,83 @@ class ShardedEMA:
         self._fill({k: v.to(torch.float32) for k, v in state_dict.items()})
         for name, target in (*self.frozen.items(), *self.buffers.items()):
             target.copy_(state_dict[name])
+
+
+class _Layout:
+    """Where each of `engine`'s trainable parameters lies in its optimizer group's flat buffer, and which
+    slice of that buffer this rank's fp32 master partition holds (see the module docstring).
+
+    `names` maps `id(parameter)` to the key it is known by; parameters not in it are left out.
+    """
+
+    def __init__(self, engine: Any, names: dict[int, str]) -> None:
+        opt = engine.optimizer
+        if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO stages 1-2
+            lp_groups, flats, self.master_attr = (
+                opt.bit16_groups,
+                opt.bit16_groups_flat,
+                "single_partition_of_fp32_groups",
+            )
+        elif hasattr(opt, "fp32_groups_flat_partition"):  # DeepSpeed's BF16 optimizer
+            lp_groups, flats, self.master_attr = (
+                opt.bf16_groups,
+                opt.bf16_groups_flat,
+                "fp32_groups_flat_partition",
+            )
+        else:  # no ZeRO, fp32: the module's parameters are the master weights
+            lp_groups = [[p] for p in engine.module.parameters() if p.requires_grad]
+            flats, self.master_attr = [g[0] for g in lp_groups], ""
+            if any(g[0].dtype != torch.float32 for g in lp_groups):
+                raise NotImplementedError(
+                    "the fp32 EMA needs DeepSpeed's fp32 master weights: use zero_stage >= 1 with bf16"
+                )
+        self.world = dist.get_world_size() if self.master_attr else 1
+        self.rank = dist.get_rank() if self.master_attr else 0
+        self.slots: list[_Slot] = []
+        self.partition_size: list[int] = []
+        for g, (params, flat) in enumerate(zip(lp_groups, flats)):
+            self.partition_size.append(flat.numel() // self.world)
+            for p in params:
+                if id(p) in names:
+                    offset = (p.data_ptr() - flat.data_ptr()) // flat.element_size()
+                    self.slots.append(_Slot(names[id(p)], g, offset, p.numel(), p.shape))
+
+
+def _masters(engine: Any, master_attr: str) -> list[Tensor]:
+    """This rank's fp32 master partitions (fetched each time: a checkpoint load may replace them)."""
+    if master_attr:
+        return list(getattr(engine.optimizer, master_attr))
+    return [p.detach() for p in engine.module.parameters() if p.requires_grad]
+
+
+def _window(s: _Slot, rank: int, partition_size: list[int]) -> tuple[int, int, int] | None:
+    """(start in the parameter, start in this rank's partition, length) of `s`'s part on this rank."""
+    lo = rank * partition_size[s.group]
+    hi = lo + partition_size[s.group]
+    a, b = max(s.offset, lo), min(s.offset + s.numel, hi)
+    return None if a >= b else (a - s.offset, a - lo, b - a)
+
+
+@torch.no_grad()
+def seed_fp32_master(engine: Any, weights: dict[str, Tensor]) -> None:
+    """Write the exact fp32 `weights` (keyed like `engine.module`'s parameters, e.g. a
+    :func:`fp32_snapshot` of the module taken before `deepspeed.initialize`) into this rank's fp32 master
+    partitions: every trainable parameter of the engine, a fresh start's first step.
+
+    DeepSpeed builds its fp32 master weights from the module it was given, which it has cast to bf16
+    under bf16: without this, training would start from bf16-rounded weights, where the reference
+    (fp32 with autocast, fact sheet §3.2) starts from the fp32 initialisation. The bf16 module keeps its
+    rounded copy, which the first step overwrites from the master. A no-op in effect in fp32.
+    """
+    names = {id(p): n for n, p in engine.module.named_parameters() if p.requires_grad}
+    missing = sorted(set(names.values()) - set(weights))
+    if missing:
+        raise KeyError(f"no fp32 weights for trainable parameter(s) {missing[:5]} of the engine")
+    layout = _Layout(engine, names)
+    if not layout.master_attr:
+        return
+    masters = [m.view(-1) for m in _masters(engine, layout.master_attr)]
+    for s in layout.slots:
+        if (w := _window(s, layout.rank, layout.partition_size)) is not None:
+            src, dst, n = w
+            masters[s.group][dst : dst + n].copy_(weights[s.name].reshape(-1)[src : src + n])

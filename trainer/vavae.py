@@ -84,7 +84,7 @@ from trainer.export import (
 )
 from trainer.preflight import open_training_shards
 from trainer.shard_guard import ShardGuard
-from trainer.sharded_ema import ShardedEMA, fp32_snapshot
+from trainer.sharded_ema import ShardedEMA, fp32_snapshot, seed_fp32_master
 from trainer.stages import gan_steps, load_init, stage_uses, trained_extras
 from trainer.universal import ConvertSettings
 
@@ -218,28 +218,34 @@ def train(cfg: TrainVAVAEConfig) -> None:
         )
         print0(message)
     autoencoder.set_grad_checkpointing(cfg.grad_checkpointing)
-    init = fp32_snapshot(autoencoder)  # the EMA starts from the fp32 weights, before DeepSpeed casts them
     elastic = resume is not None and resume.meta["world_size"] != topo.world_size
     ds_config = deepspeed_config(
         micro_batch=topo.micro_batch, grad_accum=topo.grad_accum, world_size=topo.world_size,
         dtype=topo.dtype, grad_clip=cfg.optim.grad_clip, zero_stage=cfg.zero_stage, comm_dtype=cfg.comm_dtype,
         load_universal=elastic,
     )  # fmt: skip
-    engines = {}
+    engines, fp32 = {}, {}
     for name, module in (
         ("autoencoder", AutoencoderObjective(autoencoder, loss_fn.linear_proj)),
         ("discriminator", DiscriminatorObjective(discriminator)),
     ):
+        fp32[name] = fp32_snapshot(module)  # the weights before DeepSpeed casts them (EMA and master start)
         engines[name] = build_engine(
             module, [p for p in module.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=cfg.optim.betas,
             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps,
             ds_config=ds_config,
         )  # fmt: skip
     ae_engine, d_engine = engines["autoencoder"], engines["discriminator"]
+    init = {
+        k.removeprefix("autoencoder."): v
+        for k, v in fp32["autoencoder"].items()
+        if k.startswith("autoencoder.")
+    }
     ema = ShardedEMA(ae_engine, init, cfg.ema_decay, prefix="autoencoder.")  # of the AE engine's fp32 master
-    if resume is None:
-        ema.seed_master(init)  # start from the fp32 weights, not DeepSpeed's bf16-rounded copy
-    del init
+    if resume is None:  # both engines start from the fp32 weights, not DeepSpeed's bf16-rounded copies
+        for name, engine in engines.items():
+            seed_fp32_master(engine, fp32[name])
+    del init, fp32
     discriminator.to(topo.dtype)  # DeepSpeed casts parameters only; BatchNorm wants its statistics alike
     step = 0
     if resume is not None:

@@ -7,8 +7,9 @@ the trainer's `ShardedEMA`, as trainer/dit.py and trainer/vavae.py do. Alongside
 - `master`: an EMA of the whole fp32 master weights, read parameter by parameter with DeepSpeed's own
   `safe_get_full_fp32_param` (independent of the sharded EMA's partition arithmetic);
 - `module`: today's `models.ema.EMA` updated from the engine's module (bf16 under bf16).
-Unless `unseeded`, the fp32 master partitions are first seeded with the exact fp32 weights, as the
-trainer does on a fresh start (`master_vs_init` in the result: DeepSpeed's whole fp32 master against them).
+Unless `unseeded`, the fp32 master partitions of every trainable parameter are first seeded with the exact
+fp32 weights, as the trainer does on a fresh start (`master_vs_init` in the result: DeepSpeed's whole fp32
+master against them, the VA-VAE's projection included).
 Rank 0 writes OUT/result.json: the largest differences of the sharded EMA to each reference, and the
 EMA bytes per rank; and OUT/ema.safetensors, the gathered EMA. With LOAD (an ema.safetensors written at any
 world size) the sharded EMA first takes its partition from that file. The model is the tiny DiT (T/1) or the "digits" autoencoder inside a module that also
@@ -29,7 +30,7 @@ from models.lightningdit import LightningDiT, lightningdit_args
 from models.vavae import AutoencoderKL, autoencoder_args
 from slurm.env import init_distributed, shutdown
 from trainer.engine import build_engine, deepspeed_config, import_deepspeed
-from trainer.sharded_ema import ShardedEMA, fp32_snapshot
+from trainer.sharded_ema import ShardedEMA, fp32_snapshot, seed_fp32_master
 
 out, kind, precision = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 steps, decay, lr = int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
@@ -62,7 +63,8 @@ if kind == "dit":
 else:
     module = AEWithProjection()
     averaged, prefix = module.autoencoder, "autoencoder."
-init = fp32_snapshot(averaged)
+whole = fp32_snapshot(module)  # every trainable parameter of the engine, as the trainer snapshots it
+init = {k.removeprefix(prefix): v for k, v in whole.items() if k.startswith(prefix)}
 today = EMA(averaged, decay)  # what the trainer did before: fp32 average of the module's parameters
 ds_config = deepspeed_config(
     micro_batch=micro, grad_accum=1, world_size=env.world_size, dtype=dtype, grad_clip=0.0, zero_stage=2
@@ -74,12 +76,13 @@ engine = build_engine(
 ema = ShardedEMA(engine, init, decay, prefix)
 seeded = "unseeded" not in sys.argv[7:]
 if seeded:
-    ema.seed_master(init)  # as the trainer does on a fresh start
+    seed_fp32_master(engine, whole)  # as the trainer does on a fresh start
 trained = {n.removeprefix(prefix): p for n, p in engine.module.named_parameters() if n.startswith(prefix)}
 trained = {n: p for n, p in trained.items() if p.requires_grad}
-master_vs_init = max(  # DeepSpeed's own read of the whole fp32 master, before any step
-    (deepspeed.utils.safe_get_full_fp32_param(p).view(p.shape) - init[n]).abs().max().item()
-    for n, p in trained.items()
+master_vs_init = max(  # DeepSpeed's own read of the whole fp32 master, before any step: every trainable
+    (deepspeed.utils.safe_get_full_fp32_param(p).view(p.shape) - whole[n]).abs().max().item()  # parameter
+    for n, p in engine.module.named_parameters()  # (the VA-VAE's projection too, outside the EMA's prefix)
+    if p.requires_grad
 )
 if len(sys.argv) > 7 and sys.argv[7] != "unseeded":
     ema.load_state_dict(load_file(sys.argv[7]))
