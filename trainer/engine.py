@@ -43,12 +43,13 @@ def deepspeed_config(
     whose gradients are not finite (`check_grad_overflow`).
 
     Gradients under bf16 (DeepSpeed issues #2352, #2768 report divergence from bf16 accumulation and
-    all-reduce): `data_types.grad_accum_dtype` asks for fp32 accumulation. DeepSpeed 0.19.8 honours it
-    with its BF16 optimizer (stage 1: an fp32 gradient buffer per partition); at stage 2 it keeps the
-    reduced gradient partitions in the module's dtype (`use_grad_accum_attribute` is off when
-    `partition_gradients`, deepspeed/runtime/zero/stage_1_and_2.py), so stage 2 accumulates in bf16
-    over micro-batches whatever the key says. Stage 0 with bf16 refuses fp32 accumulation
-    (`_do_optimizer_sanity_check`), so the key is written for stages >= 1 only.
+    all-reduce): `data_types.grad_accum_dtype` = fp32 makes DeepSpeed 0.19.8 accumulate over
+    micro-batches in fp32: at stage 2 each reduced gradient slice is added into an fp32 partition buffer
+    (`_use_compact_grad_partition_buffer` in deepspeed/runtime/zero/stage_1_and_2.py), at stage 1 its
+    BF16 optimizer keeps an fp32 buffer per partition. Without the key the sum is bf16
+    (tests/test_bf16_grads.py: 15 micro-batches 1000x smaller than the first are lost without it, kept
+    with it). Stage 0 with bf16 refuses fp32 accumulation (`_do_optimizer_sanity_check`), so the key is
+    written for stages >= 1 only.
     `communication_data_type` is the dtype of the gradient reduce-scatter / all-reduce: fp32 (our
     default, the reference's DDP reduces fp32 gradients) or bf16 (half the bytes on the wire, DeepSpeed's
     own default under bf16).
