@@ -140,10 +140,14 @@ def test_skip_mid_run_stops_and_the_restart_leaves_the_shard_out(big_latents, tm
     corrupt(folder / m.shards[victim].name)
     reader = StreamReader(folder, m, seed=0, global_batch=16, streams=4, rank=0, world_size=1,
                           decode=latent_decoder())  # fmt: skip
-    batches, guard = reader.batches(0), ShardGuard(data, m, run)
-    assert [guard.next(batches, s).step for s in (0, 1)] == [0, 1]
+    guard = ShardGuard(data, m, run, reader.batches(0))
+    assert [guard.take(s, guard.fetch()).step for s in (0, 1)] == [
+        0,
+        1,
+    ]  # one rank: its flag is the agreed one
+    assert guard.fetch()  # step 2's read fails
     with pytest.raises(ShardSetError) as err:
-        guard.next(batches, 2)
+        guard.take(2, True)
     msg = str(err.value)
     where = folder / m.shards[victim].name
     assert msg.startswith(

@@ -259,7 +259,7 @@ import importlib.abc, importlib.util, sys, time
 
 
 class SlowSteps(importlib.abc.MetaPathFinder):
-    \"\"\"Once trainer.shard_guard is imported, each ShardGuard.next (one a step) sleeps 0.08 s first.\"\"\"
+    \"\"\"Once trainer.shard_guard is imported, each ShardGuard.take (one a step) sleeps 0.08 s first.\"\"\"
 
     def find_spec(self, name, path=None, target=None):
         if name != "trainer.shard_guard":
@@ -270,8 +270,8 @@ class SlowSteps(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             load(module)
-            fetch = module.ShardGuard.next
-            module.ShardGuard.next = lambda self, *a: (time.sleep(0.08), fetch(self, *a))[1]
+            take = module.ShardGuard.take
+            module.ShardGuard.take = lambda self, *a: (time.sleep(0.08), take(self, *a))[1]
 
         spec.loader.exec_module = exec_module
         return spec
@@ -295,7 +295,7 @@ def test_time_limit_requeues_training_and_it_ends_like_an_uninterrupted_run(tmp_
 
     # SLURM signals 45-75 s after the start (below), so the run must outlast 75 s on any machine: its steps
     # take 0.024-0.075 s here (a fresh-clone CI run did 1000 in 44 s and was never signalled), so a
-    # `sitecustomize` the job inherits through PYTHONPATH adds 0.08 s to each step (ShardGuard.next, once a
+    # `sitecustomize` the job inherits through PYTHONPATH adds 0.08 s to each step (ShardGuard.take, once a
     # step on every rank): 800 steps take at least 83 s, and the run needs at least one requeue.
     steps = 800
     slow = tmp_path / "slow"

@@ -138,12 +138,12 @@ def train(cfg: TrainDiTConfig) -> None:
     signals, logger, meter = StopSignals(), Logger(run_dir, step), Meter()
     sums: dict[str, float] = {"loss/total": 0.0, "loss/mse": 0.0, "loss/cos": 0.0}
     skipped = 0
-    batches, shards = reader.batches(step), ShardGuard(cfg.data, manifest, run_dir)
+    shards = ShardGuard(cfg.data, manifest, run_dir, reader.batches(step))  # reads a step ahead
+    (bad_next,) = agree(shards.fetch()) if step < cfg.steps else (False,)  # the first step's batch
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            batch = shards.next(batches, step)  # data (a bad shard stops every rank here)
-            t1 = time.perf_counter()
+            batch = shards.take(step, bad_next)  # data, read a step ahead (a bad shard stops all here)
             x1 = normalize_latents(batch.x.to(topo.device, non_blocking=True), mean, std)
             y = batch.y.to(topo.device)
             noise, t, drop = (v.to(topo.device) for v in step_draws(cfg, step, batch.positions, x1.shape[1:]))
@@ -162,7 +162,10 @@ def train(cfg: TrainDiTConfig) -> None:
                 finite &= math.isfinite(values[0])
                 for k, v in zip(sums, values):
                     sums[k] += v / topo.grad_accum
-            nonfinite, stopping = agree(not finite, signals.received is not None)
+            t1 = time.perf_counter()
+            bad = shards.fetch() if step + 1 < cfg.steps else False  # the next step's batch, read ahead
+            data_s = time.perf_counter() - t1
+            nonfinite, stopping, bad_next = agree(not finite, signals.received is not None, bad)  # one sync
             if nonfinite and cfg.nonfinite == "stop":
                 raise NonFiniteLoss(
                     f"non-finite loss at step {step} (nonfinite=stop); the last checkpoint is intact"
@@ -172,7 +175,7 @@ def train(cfg: TrainDiTConfig) -> None:
                 ema.update()  # EMA of the fp32 master weights the step just wrote
             else:
                 skipped += 1
-            meter.add(topo.global_batch, t1 - t0, time.perf_counter() - t0)
+            meter.add(topo.global_batch, data_s, time.perf_counter() - t0)
             if step % cfg.log.every == 0 or step == cfg.steps:  # log
                 values = mean_over_ranks(
                     {k: v / meter.steps for k, v in sums.items()}

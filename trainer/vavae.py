@@ -276,12 +276,12 @@ def train(cfg: TrainVAVAEConfig) -> None:
     signals, logger, meter = StopSignals(), Logger(run_dir, step), Meter()
     sums: dict[str, float] = {}
     skipped = 0
-    batches, shards = reader.batches(step), ShardGuard(cfg.data, manifest, run_dir)
+    shards = ShardGuard(cfg.data, manifest, run_dir, reader.batches(step))  # reads a step ahead
+    (bad_next,) = agree(shards.fetch()) if step < cfg.steps else (False,)  # the first step's batch
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            batch = shards.next(batches, step)  # data (a bad shard stops every rank here)
-            t1 = time.perf_counter()
+            batch = shards.take(step, bad_next)  # data, read a step ahead (a bad shard stops all here)
             order = micro_batch_order(batch.positions, per_stream, topo)
             x = batch.x[order].to(topo.device, non_blocking=True)  # (b, 3, H, W) in [-1, 1]
             eps = per_sample_normal(cfg.seed, step, batch.positions[order], (args.embed_dim, side, side))
@@ -306,7 +306,10 @@ def train(cfg: TrainVAVAEConfig) -> None:
                 finite &= all(math.isfinite(values[k]) for k in ("loss/ae/total", "loss/disc/disc_loss"))
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v / topo.grad_accum
-            nonfinite, stopping = agree(not finite, signals.received is not None)
+            t1 = time.perf_counter()
+            bad = shards.fetch() if step + 1 < cfg.steps else False  # the next step's batch, read ahead
+            data_s = time.perf_counter() - t1
+            nonfinite, stopping, bad_next = agree(not finite, signals.received is not None, bad)  # one sync
             if nonfinite and cfg.nonfinite == "stop":
                 raise NonFiniteLoss(
                     f"non-finite loss at step {step} (nonfinite=stop); the last checkpoint is intact"
@@ -316,7 +319,7 @@ def train(cfg: TrainVAVAEConfig) -> None:
                 ema.update()  # EMA of the fp32 master weights the step just wrote
             else:
                 skipped += 1
-            meter.add(topo.global_batch, t1 - t0, time.perf_counter() - t0)
+            meter.add(topo.global_batch, data_s, time.perf_counter() - t0)
             if step % cfg.log.every == 0 or step == cfg.steps:  # log
                 values = mean_over_ranks({k: v / meter.steps for k, v in sums.items()})
                 perf = meter.summary(topo.world_size, 0.0, 1.0)  # no analytic FLOPs: MFU left out
