@@ -29,11 +29,18 @@ Message formats (one line per bad shard; several failed checks of one shard are 
     shard pipe:cat /x/shard-000003.tar: cannot be read (the command exited with status 1)
 
 A full pass is needed once per shard set, not at every start (DESIGN.md "Data formats"). Its outcome is
-kept in a :class:`VerifyRecord` (`shards-verified.json`), keyed by the sha256 of the manifest's bytes: a
-start that finds a record of a full pass over the same manifest checks sizes only
-(trainer/preflight.py). The trainer keeps the record in the run directory, not beside the manifest,
-because shard sets often live on read-only shared storage and one set serves many runs; a new run
-pays one full pass.
+kept in a :class:`VerifyRecord` (`shards-verified.json`), keyed by the shard set's location and the
+sha256 of the manifest's bytes: a start that finds a record of a full pass over the same manifest checks
+sizes only (trainer/preflight.py). There are two places for it:
+
+- the run directory: a run's first start records its own pass there (and the stream records a shard it
+  finds bad), so a requeue checks sizes only;
+- beside the manifest (`SHARDS/shards-verified.json`): `ldit inspect data SHARDS --verify` records a pass
+  that found every shard good there (:func:`record_pass`), so every later run on the set checks sizes
+  only, its first start included (:func:`shard_set_record`). Shard sets often live on read-only shared
+  storage or are remote: then nothing is recorded and each run's first start reads every shard once. A
+  pass that finds a bad shard removes a record of an earlier good pass over the same manifest. A copy
+  of the folder does not inherit the record (it names the folder it was written for).
 """
 
 from __future__ import annotations
@@ -42,12 +49,22 @@ import hashlib
 import json
 import mmap
 import os
+import secrets
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from data_prep.manifest import ShardInfo, ShardSetError, check_shards, file_url, is_remote, read_remote
+from data_prep.manifest import (
+    ShardInfo,
+    ShardSetError,
+    check_shards,
+    file_url,
+    is_remote,
+    manifest_sha256,
+    read_remote,
+)
 from data_prep.shards import split_samples, stream_problem
 
 
@@ -136,7 +153,7 @@ def verify_shards(
 
 
 RECORD = "shards-verified.json"
-"""File name of a :class:`VerifyRecord` (in the run directory, trainer/preflight.py)."""
+"""File name of a :class:`VerifyRecord`, in the run directory or beside the manifest (module docstring)."""
 
 
 @dataclass
@@ -144,7 +161,7 @@ class VerifyRecord:
     """What is known about a shard set's integrity, so that a later start need not read it again."""
 
     shards: str
-    """The shard set's location (`data.shards`)."""
+    """The shard set's location (`data.shards`; the resolved folder in a record beside the manifest)."""
     manifest_sha256: str
     """sha256 of its manifest.json bytes: a record of another manifest is ignored."""
     full_pass: bool = False
@@ -165,9 +182,101 @@ def read_record(path: str | Path) -> VerifyRecord | None:
 
 
 def write_record(path: str | Path, record: VerifyRecord) -> None:
-    """Write `record` to `path` atomically (a reader sees the old record or the new one, never a part)."""
+    """Write `record` to `path` atomically (a reader sees the old record or the new one, never a part).
+
+    The bytes go to a temporary file of a unique name beside `path` (readable as the umask allows, like
+    any file written here), flushed to storage, then renamed over `path`; on any failure (a read-only
+    folder, `path` a directory) the temporary file is removed and OSError raised, nothing else touched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(asdict(record), indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # fails before anything exists
+    try:
+        with open(fd, "w") as f:
+            f.write(json.dumps(asdict(record), indent=1, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _set_record_path(shards: str | Path) -> Path | None:
+    """Where the record of a shard set's own full pass lives: beside its manifest; None when remote."""
+    return None if is_remote(shards) else Path(shards) / RECORD
+
+
+def shard_set_record(shards: str | Path, digest: str) -> tuple[VerifyRecord | None, Path | None, str]:
+    """(record, its path, why ignored) of the record beside the manifest of `shards`.
+
+    The record is returned when it is of a full pass over the manifest of sha256 `digest` in this
+    very folder; else None, and the last item says why a file found there is ignored ("" when there is
+    none, or the set is remote).
+    """
+    path = _set_record_path(shards)
+    if path is None or not path.exists():
+        return None, path, ""
+    record = read_record(path)
+    if record is None:
+        return None, path, f"{path} cannot be read: ignored"
+    if record.manifest_sha256 != digest:
+        return None, path, f"{path} records another manifest (the set was rewritten): ignored"
+    if record.shards != str(Path(shards).resolve()):
+        return None, path, f"{path} was written for {record.shards} (this is a copy?): ignored"
+    if not record.full_pass:
+        return None, path, f"{path} records no full pass: ignored"
+    return record, path, ""
+
+
+def record_pass(folder: str | Path, before: str | None, problems: Sequence[str]) -> dict[str, Any]:
+    """Record a full pass of `ldit inspect data --verify` beside the manifest of `folder`.
+
+    `before` is the manifest's sha256 taken before the pass (None for a remote set), `problems` the
+    pass's messages. A pass that found every shard good is recorded when the folder is writable; one that
+    found a bad shard records nothing and removes a record of an earlier good pass over this manifest.
+    Only the record file (and its temporary file) is written: never the manifest or a shard.
+
+    Returns {"path", "written", "message"}: the record's path (None when remote), whether it was written,
+    and one line saying what was done and what a start will cost ("" when there is nothing to say).
+    """
+    path = _set_record_path(folder)
+    if path is None:
+        remote = (
+            f"verify: not recorded: {folder} is remote, so there is no folder to record the pass in; each "
+            "run's first start reads (streams) every shard in full again"
+        )
+        return {"path": None, "written": False, "message": remote}
+    out: dict[str, Any] = {"path": str(path), "written": False, "message": ""}
+    if problems:
+        if before is not None and shard_set_record(folder, before)[0] is not None:  # one a start trusts
+            try:
+                path.unlink()
+                out["message"] = f"verify: removed {path}: its record of a good full pass no longer holds"
+            except OSError as exc:
+                out["message"] = (
+                    f"verify: could not remove {path} ({exc.strerror or exc}), which records a good full pass of "
+                    "this manifest: delete it, or a start will check sizes only and stop at the first bad shard"
+                )
+        return out
+    try:
+        after = manifest_sha256(folder)
+    except (OSError, ShardSetError):
+        after = None
+    if before is None or after != before:
+        out["message"] = (
+            f"verify: not recorded in {path}: the manifest changed during the pass; run --verify again"
+        )
+        return out
+    try:
+        write_record(path, VerifyRecord(str(Path(folder).resolve()), before, full_pass=True))
+    except OSError as exc:
+        out["message"] = (
+            f"verify: could not record the pass in {path} ({exc.strerror or exc}): each run's first start "
+            "reads every shard in full again (a requeue of a run checks sizes only)"
+        )
+        return out
+    out["written"] = True
+    out["message"] = f"verify: recorded in {path}: a run's start on this manifest checks shard sizes only"
+    return out

@@ -3,7 +3,7 @@
     ldit <job> [CONFIG.yaml ...] [key=value ...] [--local N]
     ldit <job> [CONFIG.yaml ...] [key=value ...] --slurm --cluster CLUSTER.yaml [cluster.key=value ...]
          [--after JOBID]
-    ldit inspect {data,order,checkpoint,run} ...   (read-only; slurm/inspect.py)
+    ldit inspect {data,order,checkpoint,run} ...   (read-only but for `data --verify`'s record; slurm/inspect.py)
 
 The config is loaded and checked before any process starts, so a typo costs a second, not a queue
 wait. Exit codes: 0 done; 2 usage or configuration error (or a job not built yet); 1 the job failed;

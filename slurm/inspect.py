@@ -6,7 +6,9 @@
     ldit inspect checkpoint RUN_OR_CHECKPOINT [--world-size W ...] [--against CONFIG.yaml [key=value ...]]
     ldit inspect run RUN
 
-Plain text by default, `--json` for machines. Nothing here writes a file or starts a process group.
+Plain text by default, `--json` for machines. Nothing here starts a process group, and the one file
+written is the record of a good `data --verify` pass beside the manifest (data_prep/verify.py
+`record_pass`; a line on stderr says whether it was written), so later starts check shard sizes only.
 Each sub-command builds a JSON-ready dict (`data_report`, `order_report`, `checkpoint_report`,
 `slurm.status.run_status`) and renders it as text.
 
@@ -36,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-SUMMARY = "read-only: a shard set (--verify), the samples of a step, a checkpoint, a run"
+SUMMARY = "a shard set (--verify, recorded beside it), the samples of a step, a checkpoint, a run"
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 ENGINES = {"dit": ("model",), "vavae": ("autoencoder", "discriminator")}
 """DeepSpeed engine folders of a checkpoint per run kind (the `engines` dicts of trainer/dit.py and trainer/vavae.py)."""
@@ -115,12 +117,14 @@ def data_report(
     folder: str | Path, verify: bool = False, threads: int = 4, progress: bool = False
 ) -> dict[str, Any]:
     """The manifest's summary; with `verify`, every shard's size, sha256 and sample count checked (a
-    remote set's shards streamed and hashed), and a set of no sample is a problem."""
+    remote set's shards streamed and hashed), a set of no sample is a problem, and the pass is recorded
+    beside the manifest when every shard is good and the folder is writable (`verify.record`)."""
     from dataclasses import asdict
 
-    from data_prep.manifest import empty_problem, load_manifest
+    from data_prep.manifest import empty_problem, is_remote, load_manifest, manifest_sha256
 
     m = load_manifest(folder)
+    before = None if is_remote(folder) or not verify else manifest_sha256(folder)  # what the pass checks
     counts = m.counts
     producer = dict(m.producer)
     report: dict[str, Any] = {
@@ -137,12 +141,13 @@ def data_report(
         "notes": m.notes,
     }
     if verify:
-        from data_prep.verify import verify_shards
+        from data_prep.verify import record_pass, verify_shards
 
         problems = verify_shards(folder, m.shards, threads, progress)
         if empty := empty_problem(folder, m):
             problems.insert(0, empty)
-        report["verify"] = {"checked": len(m.shards), "problems": problems}
+        record = record_pass(folder, before, problems)
+        report["verify"] = {"checked": len(m.shards), "problems": problems, "record": record}
     return report
 
 
@@ -196,6 +201,8 @@ def render_data(r: dict[str, Any]) -> str:
 def _cmd_data(ns: argparse.Namespace) -> int:
     r = data_report(_shard_set(ns.shards), ns.verify, ns.threads, progress=ns.verify and not ns.no_progress)
     print(json.dumps(r, indent=1) if ns.json else render_data(r))
+    if message := r.get("verify", {}).get("record", {}).get("message"):
+        print(message, file=sys.stderr)  # what was written beside the shards, and what a start will cost
     return EXIT_PROBLEM if r.get("verify", {}).get("problems") else EXIT_OK
 
 
@@ -633,12 +640,16 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "data", parents=[common], help="a shard set's manifest; --verify checks every shard",
         description="ldit inspect data: kind, count, shards, classes, latent statistics, producer, skipped "
-        "inputs. --verify re-reads every shard (size, sha256, sample count); exit status 1 when one is bad.",
+        "inputs. --verify re-reads every shard (size, sha256, sample count); exit status 1 when one is bad. "
+        "A pass that finds every shard good is recorded in SHARDS/shards-verified.json when the folder is "
+        "writable, so a run's start on the set checks shard sizes only (a line on stderr says whether it "
+        "was recorded).",
     )  # fmt: skip
     p.add_argument(
         "shards", metavar="SHARDS", help="shard set folder (with manifest.json), or a URL / pipe: template"
     )
-    p.add_argument("--verify", action="store_true", help="check every shard's size, sha256 and sample count")
+    p.add_argument("--verify", action="store_true", help="check every shard's size, sha256 and sample "
+                   "count; record a good pass in SHARDS/shards-verified.json")  # fmt: skip
     p.add_argument("--threads", type=int, default=4, metavar="N", help="threads of --verify (default 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 

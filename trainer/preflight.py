@@ -8,12 +8,13 @@
 - :func:`open_training_shards` runs on every rank of the job, before the first step. The first start
   of a run with `data.verify=sha256` reads every shard once (the ranks split them) and records the pass
   in the run directory (data_prep/verify.py, keyed by the manifest's sha256); a requeue then compares
-  sizes only, and the stream hashes each shard as it reads it (trainer/shard_guard.py stops every rank
-  at the step that reads a changed shard). The results are all-gathered, so every rank takes the same
-  decision. With `data.bad_shards=error` every rank stops with the list of bad shards and the check
-  each failed; with `skip` they are left out and logged, and the reader plans over the remaining
-  shards only (the stream plan is a pure function of their counts, so the elastic invariants hold for
-  the reduced set).
+  sizes only, and so does a first start on a set whose own record (beside the manifest, written by
+  `ldit inspect data --verify`) is of a good full pass over this manifest. The stream hashes each shard
+  as it reads it (trainer/shard_guard.py stops every rank at the step that reads a changed shard). The
+  results are all-gathered, so every rank takes the same decision. With `data.bad_shards=error` every
+  rank stops with the list of bad shards and the check each failed; with `skip` they are left out and
+  logged, and the reader plans over the remaining shards only (the stream plan is a pure function of
+  their counts, so the elastic invariants hold for the reduced set).
 
 A shard set that holds no sample is refused by both. A remote set (`data.shards` a `pipe:` template or a
 URL, data_prep/manifest.py) has its manifest read through the same opener; its shards have no size to
@@ -140,15 +141,20 @@ def _vavae_problems(
 def open_training_shards(data: StreamConfig, kind: Kind, run_dir: Path | None = None) -> Manifest:
     """The manifest of `data.shards`, its shard files checked on every rank before the first step.
 
-    What a start reads (`run_dir`'s record, data_prep/verify.py :class:`VerifyRecord`, keyed by the
-    manifest's sha256; rank 0 reads it and broadcasts it, so every rank takes the same decision):
+    What a start reads depends on two records (data_prep/verify.py :class:`VerifyRecord`, keyed by the
+    manifest's sha256): `run_dir`'s own, and the shard set's, beside its manifest
+    (:func:`data_prep.verify.shard_set_record`: written by `ldit inspect data --verify`, of this folder,
+    not of a copy). Rank 0 reads both and broadcasts them, so every rank takes the same decision:
 
-    - `data.verify=sha256` and no record of a full pass over this manifest (a run's first start): every
-      shard is read once (size, sha256, sample count, format; :func:`data_prep.verify.verify_shard`),
-      the ranks splitting them (rank r checks the shards i ≡ r mod W); the pass is recorded.
-    - `data.verify=sha256` with that record (a requeue), or `data.verify=size`: sizes only (`stat`; a
-      remote shard has none, so nothing). Shards the record names bad (found by the pass or by the
-      stream mid-run) are read again in full, so a restored shard is taken back.
+    - `data.verify=sha256` and neither records a full pass over this manifest (a run's first start, unless
+      the set was verified): every shard is read once (size, sha256, sample count, format;
+      :func:`data_prep.verify.verify_shard`), the ranks splitting them (rank r checks the shards
+      i ≡ r mod W); the pass is recorded in `run_dir`.
+    - `data.verify=sha256` with either record (a requeue, or a start on a verified set), or
+      `data.verify=size`: sizes only (`stat`; a remote shard has none, so nothing). Shards either record
+      names bad (found by the pass or by the stream mid-run) are read again in full, so a restored shard
+      is taken back. The run's record says only what this run found: a pass recorded beside the manifest
+      is not copied into it, so the start's line names the record used, every time.
 
     Either way the reader hashes every shard as it streams it (data_prep/reader.py) and a shard that no
     longer matches stops the run at the step that reads it (trainer/shard_guard.py). The results are
@@ -162,21 +168,32 @@ def open_training_shards(data: StreamConfig, kind: Kind, run_dir: Path | None = 
     import torch.distributed as dist
 
     from data_prep.reader import without_shards
-    from data_prep.verify import RECORD, VerifyRecord, read_record, verify_shard, write_record
+    from data_prep.verify import (
+        RECORD,
+        VerifyRecord,
+        read_record,
+        shard_set_record,
+        verify_shard,
+        write_record,
+    )
 
     rank, world = dist.get_rank(), dist.get_world_size()
     digest = manifest_sha256(data.shards)
-    found_record = [read_record(run_dir / RECORD) if run_dir is not None and rank == 0 else None]
+    found_record = [None, (None, None, "")]
+    if rank == 0:
+        found_record = [read_record(run_dir / RECORD) if run_dir is not None else None,
+                        shard_set_record(data.shards, digest)]  # fmt: skip
     dist.broadcast_object_list(found_record, src=0)
-    record = found_record[0]
+    record, (set_record, set_path, ignored) = found_record
     if record is None or not record.matches(str(data.shards), digest):
         record = VerifyRecord(str(data.shards), digest)
-    full = data.verify == "sha256" and not record.full_pass
+    full = data.verify == "sha256" and not record.full_pass and set_record is None
+    recheck = {**(set_record.bad if set_record else {}), **record.bad}  # the run's own findings win
     mine = list(range(rank, len(manifest.shards), world))
 
     def check(i: int) -> str | None:
         info = manifest.shards[i]
-        if full or info.name in record.bad:
+        if full or info.name in recheck:
             return verify_shard(data.shards, info)  # the whole shard read once (streamed, when remote)
         if is_remote(data.shards):  # no size to stat: the reader checks each shard as it streams it
             return None
@@ -189,10 +206,13 @@ def open_training_shards(data: StreamConfig, kind: Kind, run_dir: Path | None = 
     dist.all_gather_object(parts, found)
     bad = dict(sorted((i, msg) for part in parts for i, msg in (part or {}).items()))
     if full:
-        how = "every shard read once (size, sha256, samples)"
+        how = "every shard read once (size, sha256, samples)" + (f"; {ignored}" if ignored else "")
+    elif record.full_pass:
+        how = "sizes only (a full pass is recorded for this manifest)"
     else:
-        how = "sizes only" + (" (a full pass is recorded for this manifest)" if record.full_pass else "")
-        how += f"; {len(record.bad)} shard(s) recorded bad read again" if record.bad else ""
+        how = "sizes only" + (f": a full pass is recorded in {set_path}" if set_record else "")
+    if not full and recheck:
+        how += f"; {len(recheck)} shard(s) recorded bad read again"
     if rank == 0:
         print(
             f"verified {len(manifest.shards)} shards of {data.shards} (data.verify={data.verify}, {world} "
