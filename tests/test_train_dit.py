@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_prep.shards import encode_npy, write_shard
+from models.lightningdit import LightningDiT, LightningDiTArgs
 from tests.conftest import ROOT, clean_env, run_procs
 from tests.data_fixtures import gaussian_latent_set
 
@@ -167,6 +168,11 @@ def test_bf16_trains_with_fp32_ema(latents, tmp_path):
     ds = json.loads((tmp_path / "bf16" / "ds_config.json").read_text())
     assert ds["bf16"]["enabled"] is True
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    zero = ds["zero_optimization"]  # one bucket of the model's size, not DeepSpeed's 5e8 elements
+    meta = json.loads((tmp_path / "bf16" / "checkpoints" / "step-00000003" / "meta.json").read_text())
+    model = LightningDiT(LightningDiTArgs(**meta["model_args"]))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == trained + trained % 2
     ls = losses(tmp_path, "bf16")
     assert all(np.isfinite(ls))
     ema = load_file(str(tmp_path / "bf16" / "checkpoints" / "step-00000003" / "ema.safetensors"))

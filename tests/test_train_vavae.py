@@ -245,6 +245,8 @@ def test_stage_chain_carries_the_weights_and_bf16_keeps_an_fp32_ema(tmp: Path, r
     train(tmp, "s3", f"init_from={s2}", "precision=bf16", "ema_decay=0.5", "steps=2", *stage)
     run3 = tmp / "runs" / "s3"
     assert json.loads((run3 / "ds_config.json").read_text())["bf16"]["enabled"] is True
+    d_zero = json.loads((run3 / "ds_config_discriminator.json").read_text())["zero_optimization"]
+    assert d_zero["reduce_bucket_size"] == 2_765_634  # the PatchGAN's parameters: each engine its own bucket
     rows = logged(run3)
     assert all(math.isfinite(v) for r in rows for k, v in r.items() if k.startswith("loss/"))
     assert all(r["loss/ae/vf_weight"] > 0 for r in rows)  # adaptive weights in bf16

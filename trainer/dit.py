@@ -101,13 +101,14 @@ def train(cfg: TrainDiTConfig) -> None:
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     init = fp32_snapshot(model)  # the EMA starts from the fp32 weights, before DeepSpeed casts the module
     elastic = resume is not None and resume.meta["world_size"] != topo.world_size
+    trained = [p for p in model.parameters() if p.requires_grad]
     ds_config = deepspeed_config(
         micro_batch=topo.micro_batch, grad_accum=topo.grad_accum, world_size=topo.world_size,
         dtype=topo.dtype, grad_clip=cfg.optim.grad_clip, zero_stage=cfg.zero_stage, comm_dtype=cfg.comm_dtype,
-        load_universal=elastic,
+        load_universal=elastic, trainable_params=sum(p.numel() for p in trained),
     )  # fmt: skip
     engine = build_engine(
-        model, [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=cfg.optim.betas,
+        model, trained, lr=cfg.optim.lr, betas=cfg.optim.betas,
         eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps, ds_config=ds_config,
     )  # fmt: skip
     ema = ShardedEMA(engine, init, cfg.ema_decay)  # this rank's partition of the fp32 master weights

@@ -219,21 +219,22 @@ def train(cfg: TrainVAVAEConfig) -> None:
         print0(message)
     autoencoder.set_grad_checkpointing(cfg.grad_checkpointing)
     elastic = resume is not None and resume.meta["world_size"] != topo.world_size
-    ds_config = deepspeed_config(
-        micro_batch=topo.micro_batch, grad_accum=topo.grad_accum, world_size=topo.world_size,
-        dtype=topo.dtype, grad_clip=cfg.optim.grad_clip, zero_stage=cfg.zero_stage, comm_dtype=cfg.comm_dtype,
-        load_universal=elastic,
-    )  # fmt: skip
-    engines, fp32 = {}, {}
+    engines, fp32, ds_configs = {}, {}, {}
     for name, module in (
         ("autoencoder", AutoencoderObjective(autoencoder, loss_fn.linear_proj)),
         ("discriminator", DiscriminatorObjective(discriminator)),
     ):
+        trained = [p for p in module.parameters() if p.requires_grad]
+        ds_configs[name] = deepspeed_config(  # the two differ in their bucket sizes only
+            micro_batch=topo.micro_batch, grad_accum=topo.grad_accum, world_size=topo.world_size,
+            dtype=topo.dtype, grad_clip=cfg.optim.grad_clip, zero_stage=cfg.zero_stage,
+            comm_dtype=cfg.comm_dtype, load_universal=elastic, trainable_params=sum(p.numel() for p in trained),
+        )  # fmt: skip
         fp32[name] = fp32_snapshot(module)  # the weights before DeepSpeed casts them (EMA and master start)
         engines[name] = build_engine(
-            module, [p for p in module.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=cfg.optim.betas,
+            module, trained, lr=cfg.optim.lr, betas=cfg.optim.betas,
             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps,
-            ds_config=ds_config,
+            ds_config=ds_configs[name],
         )  # fmt: skip
     ae_engine, d_engine = engines["autoencoder"], engines["discriminator"]
     init = {
@@ -263,7 +264,10 @@ def train(cfg: TrainVAVAEConfig) -> None:
                 f"does not continue exactly; set micro_batch={resume.meta['micro_batch']} to continue it exactly"
             )
     if topo.rank == 0:
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_configs["autoencoder"], indent=1))
+        (run_dir / "ds_config_discriminator.json").write_text(
+            json.dumps(ds_configs["discriminator"], indent=1)
+        )
         (run_dir / "topology.json").write_text(json.dumps(topo.describe(), indent=1))
     reader = StreamReader(
         cfg.data.shards, manifest, seed=cfg.data.seed, global_batch=cfg.data.global_batch,
