@@ -31,6 +31,7 @@ import os
 import random
 import resource
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,7 +206,7 @@ class Checkpointer:
         """
         from safetensors.torch import save_file
 
-        rank = dist.get_rank()
+        rank, start = dist.get_rank(), time.perf_counter()
         path = self.root / step_name(step)
         written: dict[str, int] = {}  # the files this rank wrote, with the sizes it saw: meta.json's sizes
 
@@ -263,6 +264,9 @@ class Checkpointer:
         dist.all_gather_object(reports, written)
         self._agreed(path, publish)
         if rank == 0:
+            size = sum(n for report in reports for n in (report or {}).values())
+            print(f"saved checkpoint {path.name} ({size / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s",
+                  flush=True)  # fmt: skip
             try:
                 self.prune()
             except OSError as exc:  # the new checkpoint is published; an old one left behind is harmless
@@ -322,7 +326,7 @@ class Checkpointer:
         Returns True when the world size changed (the engines were loaded from universal checkpoints,
         and RNG states were not restored: randomness that matters is derived from the step).
         """
-        world, rank = dist.get_world_size(), dist.get_rank()
+        world, rank, start = dist.get_world_size(), dist.get_rank(), time.perf_counter()
         elastic = ck.meta["world_size"] != world
         for name, engine in engines.items():
             tag = name
@@ -336,6 +340,8 @@ class Checkpointer:
                 raise FileNotFoundError(f"DeepSpeed found no checkpoint under {ck.path / tag}")
         if not elastic:
             set_rng_state(torch.load(ck.path / f"rng-rank{rank}.pt", weights_only=True))
+        if rank == 0:  # the conversion, when there was one, printed its own time
+            print(f"loaded checkpoint {ck.path.name} in {time.perf_counter() - start:.1f} s", flush=True)
         return elastic
 
 

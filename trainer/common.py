@@ -134,12 +134,14 @@ def optimizer_state_bytes(engine: Any) -> int:
 
 
 def memory_bytes(dev: torch.device) -> int:
-    """Peak device memory on GPUs; resident memory of this process on the CPU."""
+    """Peak memory so far: of the device on GPUs; this process's peak resident set on the CPU (both peaks,
+    so `sys/memory_gb` means one thing; the current RSS at a log step missed a step's transients: 3.99
+    GiB logged where the peak was 7.80, benchmarks/bench_full_size.py)."""
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev)
-    import psutil
+    import resource
 
-    return psutil.Process().memory_info().rss
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 class Meter:

@@ -199,8 +199,8 @@ def _wait_for(dst: Path, timeout_s: float) -> None:
 
 
 def _say(text: str) -> None:
-    """Log `text` and print it (rank 0's stdout is the job's output, where benchmarks read the time)."""
-    log.warning(text)
+    """Print `text` on the job's output (rank 0's stdout, where benchmarks read the time); printed, not
+    also logged, which showed it twice."""
     print(text, flush=True)
 
 
