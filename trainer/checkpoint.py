@@ -265,8 +265,10 @@ class Checkpointer:
         self._agreed(path, publish)
         if rank == 0:
             size = sum(n for report in reports for n in (report or {}).values())
-            print(f"saved checkpoint {path.name} ({size / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s",
-                  flush=True)  # fmt: skip
+            amount = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+            print(
+                f"saved checkpoint {path.name} ({amount}) in {time.perf_counter() - start:.1f} s", flush=True
+            )
             try:
                 self.prune()
             except OSError as exc:  # the new checkpoint is published; an old one left behind is harmless
@@ -340,8 +342,9 @@ class Checkpointer:
                 raise FileNotFoundError(f"DeepSpeed found no checkpoint under {ck.path / tag}")
         if not elastic:
             set_rng_state(torch.load(ck.path / f"rng-rank{rank}.pt", weights_only=True))
-        if rank == 0:  # the conversion, when there was one, printed its own time
-            print(f"loaded checkpoint {ck.path.name} in {time.perf_counter() - start:.1f} s", flush=True)
+        if rank == 0:
+            took = f"{time.perf_counter() - start:.1f} s" + (" (its conversion included)" if elastic else "")
+            print(f"loaded checkpoint {ck.path.name} in {took}", flush=True)
         return elastic
 
 
