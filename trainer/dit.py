@@ -205,7 +205,7 @@ def train(cfg: TrainDiTConfig) -> None:
     finally:
         signals.restore()
         logger.close()
-    weights = ema.state_dict()  # gathered on every rank (a collective), written by rank 0
+    weights = ema.state_dict()  # a collective: gathered to rank 0, which writes it (None elsewhere)
     if topo.rank == 0:
         export_weights(run_dir, step, LightningDiT(replace(args, grad_checkpointing=False)), weights, cfg)
     dist.barrier()
@@ -213,7 +213,7 @@ def train(cfg: TrainDiTConfig) -> None:
 
 @torch.no_grad()
 def sample_grid(
-    cfg, args, weights: dict[str, torch.Tensor], manifest, step, run_dir: Path, logger: Logger, dev
+    cfg, args, weights: dict[str, torch.Tensor] | None, manifest, step, run_dir: Path, logger: Logger, dev
 ) -> None:
     """Rank 0: one row per class (up to 10), 8 EMA samples each, fixed noise, Euler on 32 shifted points.
 

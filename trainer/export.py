@@ -85,7 +85,7 @@ def export_weights(
     """
     from safetensors.torch import save_file
 
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=True)  # the tensors themselves: no second copy
     folder = save_export(Path(run_dir) / "export" / step_name(step), model)
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     if extras is not None:

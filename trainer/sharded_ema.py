@@ -21,8 +21,8 @@ Parameters the optimizer does not train (the DiT's frozen `pos_embed`) are avera
 from their fp32 value before DeepSpeed cast the module, as the reference averages its fp32 copy; buffers
 (the RoPE tables) are kept as built in fp32, never read back from a bf16 module.
 
-The whole EMA exists only when asked for (:meth:`ShardedEMA.state_dict`, a collective all-gather on every
-rank): for a checkpoint, an export or a sample grid. It is keyed like the model's own state_dict (the
+The whole EMA exists only when asked for (:meth:`ShardedEMA.state_dict`, a collective gather to rank 0,
+which alone writes it): for a checkpoint, an export or a sample grid. It is keyed like the model's own state_dict (the
 reference's keys), so the checkpoint's `ema.safetensors` is the format the unsharded EMA wrote; every rank
 loads its own slice from that whole (:meth:`ShardedEMA.load_state_dict`), so an EMA saved at one world size
 resumes at any other.
@@ -128,23 +128,41 @@ class ShardedEMA:
         return sum(t.numel() * t.element_size() for t in held)
 
     @torch.no_grad()
-    def state_dict(self) -> dict[str, Tensor]:
-        """The whole EMA under the model's keys, in its order: a collective, every rank must call it."""
-        flats = []
+    def state_dict(self, dst: int | None = 0) -> dict[str, Tensor] | None:
+        """The whole EMA under the model's keys, in its order, on rank `dst` (None: on every rank); the
+        other ranks get None. A collective: every rank must call it.
+
+        The partitions are gathered straight into one flat buffer per group (`dist.gather`, or
+        `all_gather_into_tensor` for every rank) and the whole's tensors are views of it: 4 bytes per
+        parameter on `dst` and nothing more on the others. Gathering on every rank into a list, then
+        `cat`, then a clone per tensor held three copies on every rank: at XL/1 (2.7 GB each) a W=2
+        checkpoint save went out of memory on this 23 GiB machine (benchmarks/bench_full_size.py).
+        """
+        if dst is not None and not 0 <= dst < max(self.world, 1):
+            raise ValueError(f"no rank {dst} in a world of {self.world}")
+        here = dst is None or self.rank == dst
+        flats: list[Tensor | None] = []
         for shard in self.shards:
             if self.world == 1:
-                flats.append(shard)
+                flats.append(shard.clone())  # a copy: the EMA moves on
                 continue
-            parts = [torch.empty_like(shard) for _ in range(self.world)]
-            dist.all_gather(parts, shard.contiguous())
-            flats.append(torch.cat(parts))
-        whole = {
-            s.name: flats[s.group][s.offset : s.offset + s.numel].view(s.shape).clone() for s in self.slots
-        }
-        whole |= {n: v.clone() for n, v in self.frozen.items()} | {
+            whole = (
+                torch.empty(shard.numel() * self.world, dtype=shard.dtype, device=shard.device)
+                if here
+                else None
+            )
+            if dst is None:
+                dist.all_gather_into_tensor(whole, shard)
+            else:
+                dist.gather(shard, list(whole.chunk(self.world)) if here else None, dst=dst)
+            flats.append(whole)
+        if not here:
+            return None
+        out = {s.name: flats[s.group][s.offset : s.offset + s.numel].view(s.shape) for s in self.slots}
+        out |= {n: v.clone() for n, v in self.frozen.items()} | {
             n: v.clone() for n, v in self.buffers.items()
         }
-        return {k: whole[k] for k in self._order}
+        return {k: out[k] for k in self._order}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:

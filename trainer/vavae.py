@@ -353,7 +353,7 @@ def train(cfg: TrainVAVAEConfig) -> None:
     finally:
         signals.restore()
         logger.close()
-    weights = ema.state_dict()  # gathered on every rank (a collective), written by rank 0
+    weights = ema.state_dict()  # a collective: gathered to rank 0, which writes it (None elsewhere)
     if topo.rank == 0:  # the same folder `ldit export` writes from the last checkpoint
         extras = training_extras(
             ae_engine.module.state_dict(), d_engine.module.state_dict(), trained_extras(cfg, step, loaded)

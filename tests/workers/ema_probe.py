@@ -106,7 +106,12 @@ for step in range(steps):
             full = deepspeed.utils.safe_get_full_fp32_param(p)  # a collective over the ZeRO partitions
             master[n].mul_(decay).add_(full.view(p.shape), alpha=1.0 - decay)
 
-got = ema.state_dict()
+got = ema.state_dict(dst=None)  # on every rank (all_gather_into_tensor)
+on_rank0 = ema.state_dict()  # the trainer's: gathered to rank 0 only
+if env.rank == 0:
+    assert list(on_rank0) == list(got) and all(torch.equal(on_rank0[k], got[k]) for k in got)
+else:
+    assert on_rank0 is None
 moved = max((master[n] - init[n]).abs().max().item() for n in trained) if steps else 0.0
 vs_master = max((got[n] - master[n]).abs().max().item() for n in trained)
 scale = max(master[n].abs().max().item() for n in trained)
