@@ -193,7 +193,7 @@ class Checkpointer:
         self,
         step: int,
         engines: dict[str, Any],
-        ema_state: dict[str, torch.Tensor] | None,
+        ema_state: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor] | None] | None,
         meta: dict[str, Any],
     ) -> Path:
         """Write checkpoint `step` (every rank calls this), publish it as `latest`, then prune old ones.
@@ -203,10 +203,14 @@ class Checkpointer:
         rank (a full or read-only disk, a file-size limit, non-finite EMA weights), the partial folder
         is removed and every rank raises (CheckpointWriteError, or FloatingPointError for the EMA);
         nothing older is touched. Old checkpoints are deleted only after the new one is published.
+        `ema_state` may be a callable (:meth:`ShardedEMA.state_dict`, a gather every rank joins), called
+        first, so the time rank 0 prints covers it.
         """
         from safetensors.torch import save_file
 
         rank, start = dist.get_rank(), time.perf_counter()
+        if callable(ema_state):  # e.g. ShardedEMA.state_dict: a gather, timed as part of the save
+            ema_state = ema_state()
         path = self.root / step_name(step)
         written: dict[str, int] = {}  # the files this rank wrote, with the sizes it saw: meta.json's sizes
 

@@ -197,7 +197,7 @@ def train(cfg: TrainDiTConfig) -> None:
             if step % cfg.ckpt.every == 0 or step == cfg.steps or stopping:  # checkpoint
                 meta = {"samples_seen": step * topo.global_batch, "config": asdict(cfg), **topo.describe(),
                         "zero_stage": cfg.zero_stage, "kind": "dit", "model_args": asdict(args)}  # fmt: skip
-                ckpts.save(step, {"model": engine}, ema.state_dict(), meta)
+                ckpts.save(step, {"model": engine}, ema.state_dict, meta)
             if cfg.log.sample_every and (step % cfg.log.sample_every == 0 or step == cfg.steps):  # samples
                 sample_grid(cfg, args, ema.state_dict(), manifest, step, run_dir, logger, topo.device)
             if stopping:

@@ -345,7 +345,7 @@ def train(cfg: TrainVAVAEConfig) -> None:
                 meta = {"samples_seen": step * topo.global_batch, "config": asdict(cfg), **topo.describe(),
                         "zero_stage": cfg.zero_stage, "kind": "vavae", "model_args": asdict(args),
                         "extras": trained_extras(cfg, step, loaded)}  # fmt: skip
-                ckpts.save(step, engines, ema.state_dict(), meta)
+                ckpts.save(step, engines, ema.state_dict, meta)
             if cfg.log.sample_every and (step % cfg.log.sample_every == 0 or step == cfg.steps):  # samples
                 reconstruction_grid(x[sl], xrec, step, run_dir, logger)
             if stopping:
