@@ -1,6 +1,10 @@
-"""`ldit status <run dir>`: a run's checkpoints, last logged step, export, and its SLURM jobs with their
-states (from accounting, `sacct`; a pending job also shows squeue's reason, e.g. a dependency that can
-never be satisfied because the job it waits for failed).
+"""`ldit status <run dir>`: a run's checkpoints, last logged step (and how long ago), export, and its SLURM
+jobs with their states (from accounting, `sacct`; a pending job also shows squeue's reason, e.g. a
+dependency that can never be satisfied because the job it waits for failed).
+
+A run whose job SLURM reports RUNNING but which has logged nothing for longer than :func:`stall_bound_s`
+(10 × its usual time between log lines, at least 45 s) is flagged as stalled (issue #20): a hung rank
+holds the others in a collective until `collective_timeout_s`, and SLURM alone shows only "RUNNING".
 
 :func:`run_status` gathers it as a dict and :func:`render_status` writes the text; `ldit inspect run`
 prints the same text, or the dict with `--json`.
@@ -14,7 +18,9 @@ import datetime
 import json
 import os
 import shutil
+import statistics
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,13 +79,62 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     return {j: states.get(j, "unknown (no SLURM tools or record here)") for j in job_ids}
 
 
+STALL_FACTOR = 10
+"""A RUNNING job's run is stalled when it logged nothing for this many times its usual log interval..."""
+STALL_FLOOR_S = 45.0
+"""...and for at least this long (a start, a checkpoint save or a universal conversion logs nothing
+for a while; XL/1 on 2 CPU ranks: 11 s a save, 31 s a conversion, benchmarks/bench_full_size.py)."""
+
+
+def log_interval_s(entries: list[dict[str, Any]]) -> float | None:
+    """The usual seconds between two lines of log.jsonl: the median number of steps between the last
+    20 lines times the median `perf/step_time_s` they logged; None when the log cannot say."""
+    recent = entries[-21:]
+    gaps = [b["step"] - a["step"] for a, b in zip(recent, recent[1:]) if b["step"] > a["step"]]
+    times = [e["perf/step_time_s"] for e in recent if "perf/step_time_s" in e]
+    if not times:
+        return None
+    return statistics.median(gaps or [1]) * statistics.median(times)
+
+
+def stall_bound_s(interval_s: float | None) -> float:
+    """Seconds without a log line after which a RUNNING job's run counts as stalled."""
+    return max(STALL_FACTOR * (interval_s or 0.0), STALL_FLOOR_S)
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def started(job_ids: list[str]) -> dict[str, float]:
+    """When each job's current attempt started (epoch seconds, from accounting; absent when unknown)."""
+    if not job_ids or not shutil.which("sacct"):
+        return {}
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-o", "JobIDRaw,Start", "-j", ",".join(job_ids)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    starts = {}
+    for line in out.stdout.splitlines():
+        jid, _, start = line.partition("|")
+        try:
+            starts[jid] = datetime.datetime.fromisoformat(start).timestamp()
+        except ValueError:  # "Unknown" or "None"
+            continue
+    return starts
+
+
 def run_status(run_dir: Path) -> dict[str, Any]:
     """What `ldit status` and `ldit inspect run` show of one run directory, as a JSON-ready dict.
 
     Keys: `run`; `checkpoints` (newest first: name, latest, complete, problems); `last_log` (step and
-    the `loss/*` scalars of the last line of log.jsonl, or None); `export` (where export/latest points,
+    the `loss/*` scalars of the last line of log.jsonl, `age_s` since the file was last written and
+    `interval_s`, the usual time between its lines; or None); `export` (where export/latest points,
     or None); `evals` (name and metrics of every eval/*/metrics.json); `jobs` (the SLURM jobs recorded
-    in slurm/jobs.jsonl with their states, or None when none were submitted with --slurm).
+    in slurm/jobs.jsonl with their states, or None when none were submitted with --slurm); `stall`
+    (None, or `silent_s` and `bound_s` when a job is RUNNING and the log has been silent past the bound).
     """
     from trainer.checkpoint import Checkpointer, problems
 
@@ -93,9 +148,15 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         checkpoints.append({"name": f.name, "latest": f.name == latest, "complete": not bad, "problems": bad})
     last_log = None
     log = run_dir / "log.jsonl"
-    if log.is_file() and (entries := log.read_text().splitlines()):
-        last: dict[str, Any] = json.loads(entries[-1])
-        last_log = {"step": last["step"], "losses": {k: v for k, v in last.items() if k.startswith("loss/")}}
+    if log.is_file() and (lines := log.read_text().splitlines()):
+        entries = [json.loads(line) for line in lines[-21:]]
+        last: dict[str, Any] = entries[-1]
+        last_log = {
+            "step": last["step"],
+            "losses": {k: v for k, v in last.items() if k.startswith("loss/")},
+            "age_s": max(0.0, time.time() - log.stat().st_mtime),
+            "interval_s": log_interval_s(entries),
+        }
     link = run_dir / "export" / "latest"
     evals = [
         {"name": m.parent.name, "metrics": json.loads(m.read_text())}
@@ -107,6 +168,13 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         jobs = [json.loads(line) for line in jobs_path.read_text().splitlines()]
         states = slurm_states([j["job_id"] for j in jobs])
         jobs = [{**j, "state": states[j["job_id"]]} for j in jobs]
+    stall = None
+    running = [j["job_id"] for j in jobs or [] if j["state"].startswith("RUNNING")]
+    if last_log is not None and running:
+        bound = stall_bound_s(last_log["interval_s"])
+        silent = min(last_log["age_s"], time.time() - max(started(running).values(), default=0.0))
+        if silent > bound:  # counted from this attempt's start when the log is older (a requeue)
+            stall = {"silent_s": silent, "bound_s": bound}
     return {
         "run": str(run_dir),
         "checkpoints": checkpoints,
@@ -114,6 +182,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "export": os.readlink(link) if link.is_symlink() else None,
         "evals": evals,
         "jobs": jobs,
+        "stall": stall,
     }
 
 
@@ -130,7 +199,14 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append("  checkpoints: none")
     if (last := status["last_log"]) is not None:
         losses = ", ".join(f"{k} {v:.4f}" for k, v in last["losses"].items())
-        lines.append(f"  last logged step {last['step']}" + (f": {losses}" if losses else ""))
+        when = f" ({_ago(last['age_s'])} ago)" if last.get("age_s") is not None else ""
+        lines.append(f"  last logged step {last['step']}{when}" + (f": {losses}" if losses else ""))
+    if (stall := status.get("stall")) is not None:
+        lines.append(
+            f"  STALLED: a job is RUNNING but nothing was logged for {_ago(stall['silent_s'])} (bound "
+            f"{_ago(stall['bound_s'])}: {STALL_FACTOR} × the usual time between log lines, at least "
+            f"{STALL_FLOOR_S:.0f} s); a rank may be hung: see the job's logs"
+        )
     if status["export"] is not None:
         lines.append(f"  export: export/latest -> {status['export']}")
     for e in status["evals"]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -110,11 +112,13 @@ def test_status_of_a_run_without_slurm(tmp_path, capsys):
     (run / "checkpoints" / "step-00000008").mkdir()
     (run / "checkpoints" / "latest").write_text("step-00000004")
     (run / "log.jsonl").write_text(json.dumps({"step": 6, "loss/total": 0.5, "loss/mse": 0.25}) + "\n")
+    three_hours_ago = time.time() - 3 * 3600
+    os.utime(run / "log.jsonl", (three_hours_ago, three_hours_ago))
     assert main(["status", str(run)]) == 0
     assert capsys.readouterr().out.splitlines() == [
         f"run {run}",
         "  checkpoints: step-00000008 (incomplete), step-00000004 (latest, complete)",
-        "  last logged step 6: loss/total 0.5000, loss/mse 0.2500",
+        "  last logged step 6 (3.0 h ago): loss/total 0.5000, loss/mse 0.2500",  # no job RUNNING: no stall
         "  SLURM jobs: none submitted with --slurm",
     ]
     assert main(["status", str(tmp_path / "missing")]) == 1
@@ -153,3 +157,30 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path, how):
     proc.stdout.close()  # the reader goes away while the command is still writing
     _, err = proc.communicate(timeout=120)
     assert (proc.returncode, err) == (141, b"")
+
+
+def test_status_flags_a_running_job_whose_log_went_silent():
+    """Issue #20: a RUNNING job whose run logged nothing for longer than 10 × its usual time between log
+    lines (at least 45 s) is flagged as stalled; the usual time is read from the log itself."""
+    from slurm.status import log_interval_s, render_status, stall_bound_s
+
+    entries = [
+        {"step": s, "perf/step_time_s": 0.4 if s < 20 else 0.6} for s in range(2, 44, 2)
+    ]  # log.every=2
+    assert log_interval_s(entries) == 2 * 0.6  # 2 steps a line × the median step time (12 of 21 at 0.6)
+    assert log_interval_s([{"step": 1}]) is None
+    assert (stall_bound_s(None), stall_bound_s(1.1), stall_bound_s(14.0)) == (45.0, 45.0, 140.0)
+    status = {
+        "run": "runs/x", "checkpoints": [], "export": None, "evals": [],
+        "last_log": {"step": 42, "losses": {"loss/total": 0.25}, "age_s": 95.0, "interval_s": 1.1},
+        "jobs": [{"job_id": "7", "job": "train", "state": "RUNNING", "submitted": "2026-12-06T05:00:00",
+                  "resources": "2 node(s) × 2 task(s)", "after": None}],
+        "stall": {"silent_s": 95.0, "bound_s": 45.0},
+    }  # fmt: skip
+    lines = render_status(status).splitlines()
+    assert lines[2:4] == [
+        "  last logged step 42 (95 s ago): loss/total 0.2500",
+        "  STALLED: a job is RUNNING but nothing was logged for 95 s (bound 45 s: 10 × the usual time "
+        "between log lines, at least 45 s); a rank may be hung: see the job's logs",
+    ]
+    assert "STALLED" not in render_status({**status, "stall": None})
