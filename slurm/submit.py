@@ -22,7 +22,8 @@ rank 0 calls :meth:`JobTask.checkpoint`, which resubmits the same call, and requ
 id). The job's own checkpoints and resume-by-default (STYLE.md 7) make the requeued run continue.
 Rank 0's handler cannot save (a collective), so a job that saves on the signal catches it itself on
 every rank, saves, and returns exit code 75; :func:`requeue_through_submitit` then hands the signal
-back to submitit, which requeues as above.
+back to submitit, which requeues as above, unless SLURM is already ending the job (:func:`job_state`:
+`scancel` also sends SIGTERM, and a cancelled job must stay cancelled).
 """
 
 from __future__ import annotations
@@ -53,9 +54,36 @@ class JobTask(submitit.helpers.Checkpointable):
 
         code = run_here(job, job.load(files, overrides))
         if code == EXIT_REQUEUE:
+            if (state := job_state()) not in (None, "RUNNING"):  # `scancel`: SIGTERM, then the job ends
+                print(f"ldit {job.name}: stopped with a checkpoint saved; not requeued: SLURM is ending the "
+                      f"job (state {state}: a scancel, or a pre-emption that SLURM requeues itself)", flush=True)  # fmt: skip
+                return
             requeue_through_submitit()
         elif code != EXIT_OK:  # run_here printed why (bad input); SLURM must record the job as failed
             raise RuntimeError(f"ldit {job.name} exited with code {code}; the reason is in this task's log")
+
+
+def job_state() -> str | None:
+    """This job's state as slurmctld has it now (`scontrol show job`), or None when it cannot say.
+
+    A stop on SIGTERM is requeued only while the job is RUNNING: `scancel` sends SIGTERM too, and the job
+    is then COMPLETING; requeuing it made a cancelled job start again (seen on the test cluster: a
+    scancelled tiny DiT came back RUNNING twice).
+    """
+    import shutil
+    import subprocess
+
+    if not shutil.which("scontrol"):
+        return None
+    try:
+        job_id = submitit.JobEnvironment().job_id
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (RuntimeError, OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"\bJobState=(\S+)", out)
+    return found.group(1) if found else None
 
 
 def requeue_through_submitit() -> None:
