@@ -3,17 +3,15 @@
 The launcher's own mechanics (placement, `afterok`, the time-limit signal) are tested with
 tests/workers/slurm_task.py, a job registered for these tests only that runs on every task exactly as an
 `ldit` job would (same submit path, same `slurm.env.init_distributed`); the real jobs follow: `ldit train`
-of the tiny DiT on 2 nodes, requeued on a time limit and on a preemption signal, chained to `ldit eval`
-with `--then-eval` and `--after`, and `ldit sweep`. Each test uses a fresh submitit folder (job ids
+of the tiny DiT on 2 nodes, chained to `ldit eval` with `--then-eval` and `--after`, and `ldit sweep`.
+Jobs stopped and requeued are in tests/test_slurm_requeue.py; the shared helpers in tests/slurm_fixtures.py. Each test uses a fresh submitit folder (job ids
 restart at 1 on a fresh cluster, and an old folder could hand back a stale result).
 """
 
 from __future__ import annotations
 
 import datetime
-import os
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -22,69 +20,22 @@ import pytest
 import submitit
 
 from slurm.cli import main
-from slurm.cluster import ClusterConfig, load_cluster
-from slurm.jobs import JOBS, Job
+from slurm.jobs import JOBS
 from slurm.submit import submit
 from tests.conftest import ROOT, read_ranks
 from tests.data_fixtures import latent_set
-from tests.workers.slurm_task import SlurmTaskConfig
-
-pytestmark = pytest.mark.slurm
-
-LOCAL = ROOT / "configs" / "cluster" / "local.yaml"
-TEST_JOB = Job(
-    "slurm-test", "SLURM test job", {"": SlurmTaskConfig}, entry="tests.workers.slurm_task:main", issue=8
+from tests.slurm_fixtures import (  # noqa: F401 (fixtures: pytest finds them in this module)
+    LOCAL,
+    TEST_JOB,
+    _cluster,
+    _in_repo,
+    cluster,
+    logs,
+    squeue,
+    wait,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _cluster() -> None:
-    """Fail early, and say what to do, when the test cluster is not running."""
-    try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=20)
-    except FileNotFoundError:
-        pytest.fail("no SLURM client (sinfo): start the test cluster with slurm/scripts/cluster_up.sh")
-    nodes = dict(line.split() for line in out.stdout.splitlines())
-    if out.returncode != 0 or not {"n1", "n2"} <= set(nodes):
-        pytest.fail(f"test cluster not up ({out.stderr.strip() or nodes}): run slurm/scripts/cluster_up.sh")
-
-
-@pytest.fixture(autouse=True)
-def _in_repo(monkeypatch):
-    monkeypatch.chdir(ROOT)  # jobs import tests.workers from the submission directory
-
-
-def cluster(tmp_path: Path, *overrides: str) -> ClusterConfig:
-    return load_cluster([LOCAL], [f"folder={tmp_path}/logs/%j", *overrides])
-
-
-def logs(job: submitit.Job) -> str:
-    folder = Path(job.paths.folder)
-    return "\n".join(f"===== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(folder.glob("*_log.*")))
-
-
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL"}
-
-
-def wait(job: submitit.Job, timeout_s: float) -> str:
-    """Wait until accounting gives the job a final state, and return it. Cancels it after `timeout_s`.
-
-    (`job.done()` is not enough: it is true as soon as the result files exist.)
-    """
-    deadline = time.monotonic() + timeout_s
-    while (state := job.get_info(mode="force").get("State", "UNKNOWN").split()[0]) not in FINAL_STATES:
-        if time.monotonic() > deadline:
-            job.cancel(check=False)
-            pytest.fail(f"job {job.job_id} not done after {timeout_s} s (state {state})\n{logs(job)}")
-        time.sleep(1)
-    return state
-
-
-def squeue(job_id: str) -> str:
-    """`<state> <reason>` of a job still known to the controller."""
-    return subprocess.run(
-        ["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True, check=True
-    ).stdout.strip()
+pytestmark = pytest.mark.slurm
 
 
 def test_two_nodes_two_tasks_all_reduce(tmp_path, monkeypatch):
@@ -145,46 +96,6 @@ def test_afterok_child_of_a_failed_job_never_runs(tmp_path, monkeypatch, capsys)
         assert not list(out.iterdir()) and not list(Path(child.paths.folder).glob("*_log.*"))
     finally:
         child.cancel(check=False)
-
-
-def test_time_limit_requeues_and_the_second_run_completes(tmp_path):
-    """A 1-minute limit with the signal 15 s before it: the first run (which would go on for 300 s)
-    gets USR2 and the job is requeued; the second run completes. With slow_first_run submitit's
-    handler takes the signal; with stop_first_run the job takes it on every rank as the trainer does
-    (StopSignals, agree, exit 75) and `slurm.submit` hands it back to submitit to requeue. Both jobs
-    run at once (most of the time is spent waiting for the signal).
-
-    slurmctld checks time limits every 30 s and signals a job once it is within signal delay + 30 s of
-    its limit: here 15 to 45 s after the start. A larger delay would signal the job at once, before
-    submitit has installed its handler (the task then dies of USR2 and the job fails).
-    """
-    c = cluster(tmp_path, "nodes=2", "tasks_per_node=1", "time_min=1", "signal_delay_s=15")
-    jobs = {}
-    for mode in ("slow_first_run", "stop_first_run"):
-        (tmp_path / mode).mkdir()
-        jobs[mode] = submit(TEST_JOB, [], [f"out={tmp_path / mode}", f"mode={mode}", "sleep_s=300"], c)
-    start = time.monotonic()
-    for mode, job in jobs.items():
-        out = tmp_path / mode
-        assert wait(job, 240) == "COMPLETED", logs(job)
-        print(f"{mode}: requeued job {job.job_id} finished after {time.monotonic() - start:.1f} s")
-        runs = (out / "runs.txt").read_text().splitlines()
-        assert [r.split()[:2] for r in runs] == [["run", "0"], ["run", "1"]], runs  # SLURM_RESTART_COUNT
-        assert job.results() == [None, None]
-        rank0_log = Path(job.paths.stdout).read_text() + Path(job.paths.stderr).read_text()
-        assert "Caught signal SIGUSR2" in rank0_log
-        assert f"Requeued job {job.job_id} (2 remaining timeouts)" in rank0_log
-        if mode == "stop_first_run":  # every rank saw the signal and stopped at the same step
-            saved = [(out / f"saved{r}.txt").read_text() for r in (0, 1)]
-            assert saved[0] == saved[1] and saved[0].endswith(f"signal {int(signal.SIGUSR2)}"), saved
-            assert "exit 75 asks to be requeued" in rank0_log
-        history = subprocess.run(
-            ["sacct", "-X", "-n", "--duplicates", "-j", job.job_id, "-o", "State"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
-        assert history == ["REQUEUED", "COMPLETED"], history
 
 
 def test_ldit_train_on_two_nodes(tmp_path, capsys):
@@ -252,95 +163,6 @@ def test_sweep_over_one_and_two_nodes_writes_the_report(tmp_path):
         (root / "report.md").is_file() and (root / "report.csv").is_file() and (root / "report.png").is_file()
     )
     assert set(json.loads((root / "sweep.json").read_text())["jobs"]) == {"1", "2"}
-
-
-SLOW_STEPS = """\
-import importlib.abc, importlib.util, sys, time
-
-
-class SlowSteps(importlib.abc.MetaPathFinder):
-    \"\"\"Once trainer.shard_guard is imported, each ShardGuard.take (one a step) sleeps 0.08 s first.\"\"\"
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "trainer.shard_guard":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        load = spec.loader.exec_module
-
-        def exec_module(module):
-            load(module)
-            take = module.ShardGuard.take
-            module.ShardGuard.take = lambda self, *a: (time.sleep(0.08), take(self, *a))[1]
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-sys.meta_path.insert(0, SlowSteps())
-"""
-
-
-def test_time_limit_requeues_training_and_it_ends_like_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
-    """A 2-minute limit stops the tiny DiT mid-run: every rank saves, submitit requeues the job, it resumes
-    from that checkpoint, and it ends with the same steps and losses as the same run with no limit."""
-    import json
-    import sys
-
-    import torch
-    from safetensors.torch import load_file
-
-    from tests.conftest import clean_env
-    from tests.data_fixtures import gaussian_latent_set
-
-    # SLURM signals 45-75 s after the start (below), so the run must outlast 75 s on any machine: its steps
-    # take 0.024-0.075 s here (a fresh-clone CI run did 1000 in 44 s and was never signalled), so a
-    # `sitecustomize` the job inherits through PYTHONPATH adds 0.08 s to each step (ShardGuard.take, once a
-    # step on every rank): 800 steps take at least 83 s, and the run needs at least one requeue.
-    steps = 800
-    slow = tmp_path / "slow"
-    slow.mkdir()
-    (slow / "sitecustomize.py").write_text(SLOW_STEPS)
-    straight_env = clean_env()  # the reference run, unslowed
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job inherits it: the reference's thread count
-    gaussian_latent_set(tmp_path / "latents")
-    common = ["configs/dit/tiny_cpu.yaml", f"data.shards={tmp_path / 'latents'}", f"run.root={tmp_path / 'runs'}",
-              f"steps={steps}", "ckpt.every=100000", "log.every=1"]  # fmt: skip
-    argv = [
-        "train",
-        *common,
-        "run.name=limited",
-        "--slurm",
-        "--cluster",
-        str(LOCAL),
-        f"cluster.folder={tmp_path}/logs/%j",
-    ]
-    # SLURM signals 45-75 s before the 2-minute limit (slurmctld looks every 30 s): 20-60 s of training a segment
-    argv += ["cluster.time_min=2", "cluster.signal_delay_s=45", "cluster.max_requeues=8"]
-    assert main(argv) == 0
-    job_id = re.search(r"submitted SLURM job (\d+) ", capsys.readouterr().out).group(1)
-    job = submitit.SlurmJob(folder=f"{tmp_path}/logs/%j", job_id=job_id, tasks=range(4))
-    assert wait(job, 1500) == "COMPLETED", logs(job)
-    ref = subprocess.run([sys.executable, "-m", "slurm.cli", "train", *common, "run.name=straight", "--local", "4"],
-                         cwd=ROOT, env=straight_env, capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    history = subprocess.run(
-        ["sacct", "-n", "-X", "-D", "-o", "State", "-j", job_id], capture_output=True, text=True
-    ).stdout.split()
-    assert "REQUEUED" in history and history[-1] == "COMPLETED", history
-    runs = tmp_path / "runs"
-    limited = [json.loads(line) for line in (runs / "limited" / "log.jsonl").read_text().splitlines()]
-    straight = [json.loads(line) for line in (runs / "straight" / "log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in limited] == list(range(1, steps + 1))  # every step once (log.every=1: a
-    assert [e["loss/total"] for e in limited] == [
-        e["loss/total"] for e in straight
-    ]  # window never spans a resume)
-    a = load_file(str(runs / "limited" / "export" / "latest" / "ema.safetensors"))
-    b = load_file(str(runs / "straight" / "export" / "latest" / "ema.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    saved = sorted(p.name for p in (runs / "limited" / "checkpoints").glob("step-*"))
-    assert saved[-1] == f"step-{steps:08d}" and len(saved) >= 2  # a checkpoint at the signal, and the last
 
 
 def sacct_times(*job_ids: str) -> dict[str, tuple[datetime.datetime, datetime.datetime]]:
@@ -483,84 +305,3 @@ def test_status_says_why_an_eval_after_a_failed_training_never_runs(tmp_path, ca
         assert not (run / "eval").exists() and not list(Path(eval_job.paths.folder).glob("*_log.*"))
     finally:
         eval_job.cancel(check=False)
-
-
-def test_preemption_signal_requeues_training_and_it_ends_like_an_uninterrupted_run(
-    tmp_path, capsys, monkeypatch
-):
-    """A running tiny DiT gets SIGTERM on every task, as SLURM's preemption delivers it; it saves, is requeued,
-    resumes, and ends with every step's loss and the EMA equal to an uninterrupted run's.
-
-    A true preemption is not possible on the test cluster: its slurm.conf (slurm/scripts/slurm.conf.in) has
-    the default PreemptType=preempt/none and one partition, and slurmctld reads PreemptType only at start.
-    With PreemptMode=REQUEUE SLURM would send SIGCONT + SIGTERM to the job's tasks (and, with
-    `preempt_send_user_signal`, the --signal USR2), wait GraceTime and requeue the job. The nearest real
-    mechanism is used instead: `scancel --signal=TERM` makes slurmd deliver SIGTERM to every task of the job
-    (not to the batch shell). submitit's own handler ignores SIGTERM; the trainer catches it on every rank,
-    agrees, saves and exits 75, and `slurm.submit` hands the signal to submitit, which finds the job well
-    inside its time limit, calls it pre-empted (no time-out counted: 3 remaining of max_requeues=3) and
-    requeues it with `scontrol requeue`. (`scontrol requeue <job>` alone would kill the tasks after
-    KillWait=5 s and start the job again without letting it save.)
-
-    The limit is 30 minutes, not local.yaml's 10: submitit calls a signalled job timed out once its walltime
-    reaches min(0.8 * limit, limit - 10 min), which is 0 s for limits of 10 minutes or less, so there every
-    pre-emption would count against max_requeues.
-    """
-    import json
-    import sys
-
-    import torch
-    from safetensors.torch import load_file
-
-    from tests.conftest import clean_env
-    from tests.data_fixtures import gaussian_latent_set
-
-    steps = 200
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job inherits it: the reference's thread count
-    gaussian_latent_set(tmp_path / "latents")
-    runs = tmp_path / "runs"
-    common = ["configs/dit/tiny_cpu.yaml", f"data.shards={tmp_path / 'latents'}", f"run.root={runs}",
-              f"steps={steps}", "ckpt.every=100000", "log.every=1"]  # fmt: skip
-    argv = ["train", *common, "run.name=preempted", "--slurm", "--cluster", str(LOCAL),
-            f"cluster.folder={tmp_path}/logs/%j", "cluster.nodes=1", "cluster.time_min=30"]  # fmt: skip
-    assert main(argv) == 0
-    job_id = re.search(r"submitted SLURM job (\d+) ", capsys.readouterr().out).group(1)
-    job = submitit.SlurmJob(folder=f"{tmp_path}/logs/%j", job_id=job_id, tasks=range(2))
-    jsonl = runs / "preempted" / "log.jsonl"
-    deadline = time.monotonic() + 180
-    while not (jsonl.is_file() and len(jsonl.read_text().splitlines()) >= 30):  # inside the training loop
-        assert time.monotonic() < deadline and squeue(job_id).split()[0] in {"PENDING", "RUNNING"}, logs(job)
-        time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
-    start = time.monotonic()
-    # the uninterrupted reference runs meanwhile (2 ranks, the same thread count)
-    ref = subprocess.Popen([sys.executable, "-m", "slurm.cli", "train", *common, "run.name=straight", "--local", "2"],
-                           cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert wait(job, 400) == "COMPLETED", logs(job)
-        print(f"pre-empted job {job_id} completed {time.monotonic() - start:.1f} s after the signal")
-        _, err = ref.communicate(timeout=600)
-    finally:
-        ref.kill()
-    assert ref.returncode == 0, err[-3000:]
-    history = subprocess.run(
-        ["sacct", "-n", "-X", "-D", "-o", "State", "-j", job_id], capture_output=True, text=True, check=True
-    ).stdout.split()
-    assert history == ["REQUEUED", "COMPLETED"], history
-    rank0 = Path(job.paths.stdout).read_text() + Path(job.paths.stderr).read_text()
-    stopped = re.search(
-        r"stopped by signal \w+ at step (\d+), checkpoint saved; exit 75 asks to be requeued", rank0
-    )
-    assert stopped, rank0[-3000:]
-    at = int(stopped.group(1))
-    assert 30 <= at < steps and f"resumed preempted at step {at}\n" in rank0
-    assert "this job is preempted" in rank0 and f"Requeued job {job_id} (3 remaining timeouts)" in rank0
-    limited = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    straight = [json.loads(line) for line in (runs / "straight" / "log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in limited] == list(range(1, steps + 1))
-    assert [e["loss/total"] for e in limited] == [e["loss/total"] for e in straight]
-    a = load_file(str(runs / "preempted" / "export" / "latest" / "ema.safetensors"))
-    b = load_file(str(runs / "straight" / "export" / "latest" / "ema.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    saved = sorted(p.name for p in (runs / "preempted" / "checkpoints").glob("step-*"))
-    assert saved == [f"step-{at:08d}", f"step-{steps:08d}"]

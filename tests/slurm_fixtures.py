@@ -1,0 +1,71 @@
+"""What the SLURM tests share (tests/test_slurm.py, tests/test_slurm_requeue.py): the test cluster's config,
+a job registered for these tests only, the cluster check, and waiting for a job's final state."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+
+from slurm.cluster import ClusterConfig, load_cluster
+from slurm.jobs import Job
+from tests.conftest import ROOT
+from tests.workers.slurm_task import SlurmTaskConfig
+
+LOCAL = ROOT / "configs" / "cluster" / "local.yaml"
+TEST_JOB = Job(
+    "slurm-test", "SLURM test job", {"": SlurmTaskConfig}, entry="tests.workers.slurm_task:main", issue=8
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cluster() -> None:
+    """Fail early, and say what to do, when the test cluster is not running."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=20)
+    except FileNotFoundError:
+        pytest.fail("no SLURM client (sinfo): start the test cluster with slurm/scripts/cluster_up.sh")
+    nodes = dict(line.split() for line in out.stdout.splitlines())
+    if out.returncode != 0 or not {"n1", "n2"} <= set(nodes):
+        pytest.fail(f"test cluster not up ({out.stderr.strip() or nodes}): run slurm/scripts/cluster_up.sh")
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)  # jobs import tests.workers from the submission directory
+
+
+def cluster(tmp_path: Path, *overrides: str) -> ClusterConfig:
+    return load_cluster([LOCAL], [f"folder={tmp_path}/logs/%j", *overrides])
+
+
+def logs(job: submitit.Job) -> str:
+    folder = Path(job.paths.folder)
+    return "\n".join(f"===== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(folder.glob("*_log.*")))
+
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL"}
+
+
+def wait(job: submitit.Job, timeout_s: float) -> str:
+    """Wait until accounting gives the job a final state, and return it. Cancels it after `timeout_s`.
+
+    (`job.done()` is not enough: it is true as soon as the result files exist.)
+    """
+    deadline = time.monotonic() + timeout_s
+    while (state := job.get_info(mode="force").get("State", "UNKNOWN").split()[0]) not in FINAL_STATES:
+        if time.monotonic() > deadline:
+            job.cancel(check=False)
+            pytest.fail(f"job {job.job_id} not done after {timeout_s} s (state {state})\n{logs(job)}")
+        time.sleep(1)
+    return state
+
+
+def squeue(job_id: str) -> str:
+    """`<state> <reason>` of a job still known to the controller."""
+    return subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True, check=True
+    ).stdout.strip()
