@@ -50,6 +50,7 @@ else:  # save one step of a tiny real DeepSpeed engine
     engine.step()
     ckpts.save(1, {"model": engine}, {"w": torch.zeros(3)}, {"world_size": 2})
     print("SAVED", flush=True)
+    del engine, model  # freed before the group is torn down (slurm.env.shutdown)
 shutdown()
 """
 

@@ -130,4 +130,5 @@ if env.rank == 0:
     (out / "result.json").write_text(json.dumps(result))
     save_file({k: v.contiguous() for k, v in got.items()}, str(out / "ema.safetensors"))
 dist.barrier()
+del engine, ema  # freed before the group is torn down (slurm.env.shutdown)
 shutdown()
