@@ -152,13 +152,27 @@ def run_here(job: Job, cfg: Any) -> int:
     except StopRequested as exc:
         print(f"ldit {job.name}: {exc}; exit {exc.exit_code} asks to be requeued", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:
+        from trainer.common import EXIT_PEER_LOST
+        from trainer.heartbeat import is_peer_loss
+
+        if not is_peer_loss(exc):
+            raise
+        print(f"ldit {job.name}: a peer was lost ({type(exc).__name__}: {exc}); exit {EXIT_PEER_LOST} asks "
+              "to be requeued", file=sys.stderr)  # fmt: skip
+        return EXIT_PEER_LOST
     finally:
         shutdown()
     return EXIT_OK
 
 
+KILL_WAIT_S = 10.0
+"""After a local rank fails, how long the others have to leave on SIGTERM before SIGKILL (SLURM's KillWait)."""
+
+
 def run_local(cmd: Sequence[str], n: int) -> int:
-    """Run `cmd` as n local processes (torchrun-style variables); when one fails, stop the others.
+    """Run `cmd` as n local processes (torchrun-style variables); when one fails, stop the others, as srun's
+    `--kill-on-bad-exit` does: SIGTERM, then SIGKILL after KILL_WAIT_S (a frozen rank never acts on SIGTERM).
 
     Returns 0, or the exit code of the first process that failed.
     """
@@ -166,7 +180,7 @@ def run_local(cmd: Sequence[str], n: int) -> int:
 
     port = free_port()
     procs = [subprocess.Popen(cmd, env=child_env(r, n, port)) for r in range(n)]
-    code = EXIT_OK
+    code, failed_at = EXIT_OK, None
     while procs:
         for p in list(procs):
             rc = p.poll()
@@ -174,9 +188,12 @@ def run_local(cmd: Sequence[str], n: int) -> int:
                 continue
             procs.remove(p)
             if rc != 0 and code == EXIT_OK:
-                code = rc
+                code, failed_at = rc, time.monotonic()
                 for other in procs:
                     other.terminate()
+        if failed_at is not None and time.monotonic() - failed_at > KILL_WAIT_S:
+            for other in procs:
+                other.kill()
         time.sleep(0.05)
     return code
 

@@ -23,6 +23,9 @@ from trainer.config import TrainCommon, world_size_problems
 
 EXIT_REQUEUE = 75
 """Exit status of a run that stopped on a signal after saving: "requeue me" (EX_TEMPFAIL)."""
+EXIT_PEER_LOST = 76
+"""Exit status of a rank that lost a peer (a collective error, or no step finished within heartbeat_s,
+trainer/heartbeat.py): "the job failed through no fault of its input; requeue me"."""
 
 
 class StopRequested(Exception):

@@ -133,6 +133,12 @@ class TrainCommon:
     """What a non-finite loss does: skip the step, or stop the run (never writes non-finite weights)."""
     collective_timeout_s: float = 600.0
     """Seconds a collective may wait for a missing rank before the job fails instead of hanging."""
+    heartbeat_s: float = 120.0
+    """A rank that finishes no training step for this long ends itself with exit code 76 (trainer/heartbeat.py)
+    so that the SLURM job is requeued (slurm/heal.py): a lost or hung peer costs this long instead of
+    collective_timeout_s. Not armed before the first step; checkpoint saves and sample grids are excepted
+    (collective_timeout_s and the conversion's own bound cover them). Must exceed the longest step (XL/1 on
+    2 CPU ranks: ~15 s a step; on GPUs ~1 s). 0: off."""
 
     def validate(self) -> None:
         """Cross-field rules that need no world size (those that do are checked at launch)."""
@@ -146,6 +152,8 @@ class TrainCommon:
             raise ValueError(f"steps={self.steps} must be positive")
         if self.micro_batch < 0:
             raise ValueError(f"micro_batch={self.micro_batch} must be 0 (no accumulation) or positive")
+        if self.heartbeat_s < 0:
+            raise ValueError(f"heartbeat_s={self.heartbeat_s} must be 0 (off) or positive")
 
 
 def world_size_problems(global_batch: int, streams: int, micro_batch: int, world_size: int) -> list[str]:

@@ -41,6 +41,7 @@ from trainer.common import (
 from trainer.config import TrainDiTConfig
 from trainer.engine import build_engine, deepspeed_config
 from trainer.export import export_weights
+from trainer.heartbeat import Heartbeat
 from trainer.preflight import open_training_shards
 from trainer.shard_guard import ShardGuard
 from trainer.sharded_ema import ShardedEMA, fp32_snapshot, seed_fp32_master
@@ -141,6 +142,7 @@ def train(cfg: TrainDiTConfig) -> None:
     skipped = 0
     shards = ShardGuard(cfg.data, manifest, run_dir, reader.batches(step))  # reads a step ahead
     (bad_next,) = agree(shards.fetch()) if step < cfg.steps else (False,)  # the first step's batch
+    heartbeat = Heartbeat(cfg.heartbeat_s, topo.rank)  # a lost or hung peer ends this rank (exit 76)
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -167,6 +169,7 @@ def train(cfg: TrainDiTConfig) -> None:
             bad = shards.fetch() if step + 1 < cfg.steps else False  # the next step's batch, read ahead
             data_s = time.perf_counter() - t1
             nonfinite, stopping, bad_next = agree(not finite, signals.received is not None, bad)  # one sync
+            heartbeat.beat()  # every rank got here: this step finished
             if nonfinite and cfg.nonfinite == "stop":
                 raise NonFiniteLoss(
                     f"non-finite loss at step {step} (nonfinite=stop); the last checkpoint is intact"
@@ -194,15 +197,21 @@ def train(cfg: TrainDiTConfig) -> None:
                 print0(f"step {step}/{cfg.steps} loss {values['loss/total']:.4f} mse {values['loss/mse']:.4f} "
                        f"{values['perf/samples_per_s']:.1f} samples/s")  # fmt: skip
                 sums, _ = dict.fromkeys(sums, 0.0), meter.reset()
-            if step % cfg.ckpt.every == 0 or step == cfg.steps or stopping:  # checkpoint
-                meta = {"samples_seen": step * topo.global_batch, "config": asdict(cfg), **topo.describe(),
-                        "zero_stage": cfg.zero_stage, "kind": "dit", "model_args": asdict(args)}  # fmt: skip
-                ckpts.save(step, {"model": engine}, ema.state_dict, meta)
-            if cfg.log.sample_every and (step % cfg.log.sample_every == 0 or step == cfg.steps):  # samples
-                sample_grid(cfg, args, ema.state_dict(), manifest, step, run_dir, logger, topo.device)
+            saving = step % cfg.ckpt.every == 0 or step == cfg.steps or stopping
+            sampling = bool(cfg.log.sample_every) and (step % cfg.log.sample_every == 0 or step == cfg.steps)
+            with heartbeat.paused():  # not steps: collective_timeout_s bounds saves and grids
+                if saving:  # checkpoint
+                    meta = {"samples_seen": step * topo.global_batch, "config": asdict(cfg), **topo.describe(),
+                            "zero_stage": cfg.zero_stage, "kind": "dit", "model_args": asdict(args)}  # fmt: skip
+                    ckpts.save(step, {"model": engine}, ema.state_dict, meta)
+                if sampling:  # samples
+                    sample_grid(cfg, args, ema.state_dict(), manifest, step, run_dir, logger, topo.device)
+                if saving or sampling:  # the others must not count rank 0's grid against their next step
+                    dist.barrier()
             if stopping:
                 raise StopRequested(f"stopped by signal {signals.received} at step {step}, checkpoint saved")
     finally:
+        heartbeat.stop()
         signals.restore()
         logger.close()
     weights = ema.state_dict()  # a collective: gathered to rank 0, which writes it (None elsewhere)

@@ -52,7 +52,7 @@ def training_extras(
     ae_module: dict[str, torch.Tensor], d_module: dict[str, torch.Tensor], parts: set[str] | tuple[str, ...]
 ) -> dict[str, torch.Tensor]:
     """The training extras under the reference's Lightning keys (§8.2), fp32, from the state_dicts of the
-    two engines' modules (trainer/vavae.py's `AutoencoderObjective`: `linear_proj.weight`;
+    two engines' modules (trainer/vavae_objectives.py's `AutoencoderObjective`: `linear_proj.weight`;
     `DiscriminatorObjective`: `discriminator.*`, weights and BatchNorm statistics).
 
     Only the `parts` that hold trained or loaded weights are written: a projection or a discriminator
