@@ -17,6 +17,8 @@ A cluster file therefore names it, even when it is the default (`sinfo -s` lists
 
 from __future__ import annotations
 
+import shlex
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,8 @@ MANAGED_SBATCH = {
     "constraint": "constraint",
     "dependency": "`ldit ... --slurm --after JOBID`",
     "job-name": "(set from the job's name)",
+    "no-kill": "(always set: slurm/heal.py handles a lost node)",
+    "requeue": "(always set: slurm/heal.py requeues a failed job within max_failures)",
     "output": "folder",
     "error": "folder",
 }
@@ -88,6 +92,14 @@ class ClusterConfig:
     """Shell lines run on the first node before the tasks start (module load ..., source venv ...)."""
     max_requeues: int = 3
     """How many times a job that reaches its time limit is requeued (pre-emptions do not count)."""
+    max_failures: int = 3
+    """How many failures in a row (a rank killed or crashed, a node lost, a peer silent past heartbeat_s) a
+    job is requeued after, with no new checkpoint between them; one more ends it FAILED, with the reason in
+    `ldit status` (slurm/heal.py). A failure after a new checkpoint starts the count again. An input error
+    (`ldit <job>: error: …`) is never retried."""
+    regrow_wait_s: float = 600.0
+    """After a node is lost, how long the job waits for the partition to have `nodes` healthy nodes besides
+    it before it goes on with fewer (the largest count the world size rule allows), as a new job."""
     folder: str = "runs/slurm/%j"
     """Folder of submitit's scripts, pickles and logs (`%j` is the job id). Must be on a file system
     that every node sees."""
@@ -113,8 +125,9 @@ class ClusterConfig:
                 raise ValueError(f"{name} must be at least 1 (or unset), got {value}")
         if self.gpus_per_node < 0:
             raise ValueError(f"gpus_per_node must be 0 (CPU cluster) or more, got {self.gpus_per_node}")
-        if self.max_requeues < 0:
-            raise ValueError(f"max_requeues must be 0 or more, got {self.max_requeues}")
+        for name in ("max_requeues", "max_failures", "regrow_wait_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not self.partition.strip():
             raise ValueError("partition is empty: name the SLURM partition to submit to (`sinfo -s`)")
         if self.gpus_per_node > 0 and self.tasks_per_node not in (None, self.gpus_per_node):
@@ -130,10 +143,11 @@ class ClusterConfig:
             )
         for key in self.sbatch:
             option = str(key).replace("_", "-")
-            if option in MANAGED_SBATCH:
+            if (how := MANAGED_SBATCH.get(option)) and how.startswith("("):
+                raise ValueError(f"sbatch.{key}: ldit sets this option itself {how}; remove it")
+            if how:
                 raise ValueError(
-                    f"sbatch.{key}: set this with the cluster file's own key ({MANAGED_SBATCH[option]}), "
-                    "not under sbatch"
+                    f"sbatch.{key}: set this with the cluster file's own key ({how}), not under sbatch"
                 )
 
 
@@ -180,10 +194,14 @@ def sbatch_parameters(
             params["gres"] = f"gpu:{cluster.gpus_per_node}"
         else:
             params["gpus_per_node"] = cluster.gpus_per_node
-    if cluster.setup:
-        params["setup"] = list(cluster.setup)
-    if cluster.sbatch:
-        params["additional_parameters"] = dict(cluster.sbatch)
+    # Self-healing (slurm/heal.py): the first failed rank ends the step everywhere; a lost node leaves the job
+    # running on the others, for the teardown to requeue it or submit it again without that node.
+    heal = f"{shlex.quote(sys.executable)} -m slurm.heal"
+    folder = shlex.quote(str(Path(cluster.folder).expanduser().absolute()))
+    params["setup"] = [*cluster.setup, f"{heal} mark {folder}"]
+    params["srun_args"] = ["--kill-on-bad-exit=1"]
+    params["teardown"] = ["ldit_rc=$?", f"{heal} after {folder} $ldit_rc", "exit $?"]
+    params["additional_parameters"] = {"no-kill": True, "requeue": True, **cluster.sbatch}
     return params
 
 

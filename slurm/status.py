@@ -6,6 +6,9 @@ A run whose job SLURM reports RUNNING but which has logged nothing for longer th
 (10 × its usual time between log lines, at least 45 s) is flagged as stalled (issue #20): a hung rank
 holds the others in a collective until `collective_timeout_s`, and SLURM alone shows only "RUNNING".
 
+It also shows how many times each job was requeued (`sacct --duplicates`) and the last failures that the
+jobs' teardown (slurm/heal.py) recorded in `<run>/slurm/failures.jsonl`, with their reasons and actions.
+
 :func:`run_status` gathers it as a dict and :func:`render_status` writes the text; `ldit inspect run`
 prints the same text, or the dict with `--json`.
 
@@ -28,6 +31,8 @@ from typing import Any
 from omegaconf import MISSING
 
 JOBS_FILE = Path("slurm") / "jobs.jsonl"
+FAILURES_FILE = Path("slurm") / "failures.jsonl"
+"""Each failed attempt of the run's jobs, its reason and what the job did (written by slurm/heal.py)."""
 
 
 @dataclass
@@ -51,6 +56,21 @@ def record_submission(run_dir: Path, job_id: str, job: str, description: str, af
     }
     with open(path, "a") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+def requeues(job_ids: list[str]) -> dict[str, int]:
+    """How many times each job was requeued, from accounting (`sacct --duplicates` lists every attempt)."""
+    if not job_ids or not shutil.which("sacct"):
+        return {}
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-D", "-o", "JobIDRaw,State", "-j", ",".join(job_ids)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    counts: dict[str, int] = {}
+    for line in out.stdout.splitlines():
+        jid, _, state = line.partition("|")
+        counts[jid] = counts.get(jid, 0) + state.startswith(("REQUEUED", "PREEMPTED", "NODE_FAIL"))
+    return counts
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
@@ -134,7 +154,8 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     `interval_s`, the usual time between its lines; or None); `export` (where export/latest points,
     or None); `evals` (name and metrics of every eval/*/metrics.json); `jobs` (the SLURM jobs recorded
     in slurm/jobs.jsonl with their states, or None when none were submitted with --slurm); `stall`
-    (None, or `silent_s` and `bound_s` when a job is RUNNING and the log has been silent past the bound).
+    (None, or `silent_s` and `bound_s` when a job is RUNNING and the log has been silent past the bound);
+    `failures` (slurm/failures.jsonl: each failed attempt with its reason and action, oldest first).
     """
     from trainer.checkpoint import Checkpointer, problems
 
@@ -167,7 +188,12 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     if jobs_path.is_file():
         jobs = [json.loads(line) for line in jobs_path.read_text().splitlines()]
         states = slurm_states([j["job_id"] for j in jobs])
-        jobs = [{**j, "state": states[j["job_id"]]} for j in jobs]
+        counts = requeues([j["job_id"] for j in jobs])
+        jobs = [{**j, "state": states[j["job_id"]], "requeues": counts.get(j["job_id"], 0)} for j in jobs]
+    failures_path = run_dir / FAILURES_FILE
+    failures = (
+        [json.loads(x) for x in failures_path.read_text().splitlines()] if failures_path.is_file() else []
+    )
     stall = None
     running = [j["job_id"] for j in jobs or [] if j["state"].startswith("RUNNING")]
     if last_log is not None and running:
@@ -183,6 +209,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "evals": evals,
         "jobs": jobs,
         "stall": stall,
+        "failures": failures,
     }
 
 
@@ -216,12 +243,19 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append("  SLURM jobs:")
         for j in status["jobs"]:
             after = f", after {j['after']}" if j.get("after") else ""
+            again = f", requeued {j['requeues']}x" if j.get("requeues") else ""
             lines.append(
                 f"    {j['job_id']:>8}  ldit {j['job']:<8} {j['state']:<32} submitted {j['submitted']}"
-                f"  {j['resources']}{after}"
+                f"  {j['resources']}{after}{again}"
             )
     else:
         lines.append("  SLURM jobs: none submitted with --slurm")
+    if failures := status.get("failures"):
+        lines.append(f"  failures: {len(failures)} (slurm/heal.py; the last {min(len(failures), 5)}):")
+        for f in failures[-5:]:
+            lines.append(
+                f"    {f['time']} job {f['job_id']} attempt {f['attempt']}: {f['reason']}; {f['action']}"
+            )
     return "\n".join(lines)
 
 

@@ -45,12 +45,16 @@ class JobTask(submitit.helpers.Checkpointable):
     """The callable submitit runs on every task of a job: one rank of `ldit <job> <files> <overrides>`.
 
     Being Checkpointable, it is requeued after a time limit or pre-emption; the inherited
-    `checkpoint()` resubmits the same call (same job, files and overrides).
+    `checkpoint()` resubmits the same call (same job, files and overrides). It holds the cluster config, which
+    the job's teardown (slurm/heal.py) reads from the submitted pickle when the ranks fail.
     """
+
+    def __init__(self, cluster: ClusterConfig | None = None) -> None:
+        self.cluster = cluster
 
     def __call__(self, job: Job, files: Sequence[str], overrides: Sequence[str]) -> None:
         from slurm.cli import EXIT_OK, run_here  # the same path as a local run; imported here: a cycle
-        from trainer.common import EXIT_REQUEUE
+        from trainer.common import EXIT_PEER_LOST, EXIT_REQUEUE
 
         code = run_here(job, job.load(files, overrides))
         if code == EXIT_REQUEUE:
@@ -59,6 +63,8 @@ class JobTask(submitit.helpers.Checkpointable):
                       f"job (state {state}: a scancel, or a pre-emption that SLURM requeues itself)", flush=True)  # fmt: skip
                 return
             requeue_through_submitit()
+        elif code == EXIT_PEER_LOST:  # not this rank's fault: the teardown requeues (slurm/heal.py)
+            raise SystemExit(code)
         elif code != EXIT_OK:  # run_here printed why (bad input); SLURM must record the job as failed
             raise RuntimeError(f"ldit {job.name} exited with code {code}; the reason is in this task's log")
 
@@ -131,7 +137,7 @@ def submit(
     paths = [str(Path(f).resolve()) for f in files]  # the job may start in another working directory
     executor = make_executor(cluster, job_name=f"ldit-{job.name}", after=after)
     with submitit.helpers.clean_env():
-        return executor.submit(JobTask(), job, paths, list(overrides))
+        return executor.submit(JobTask(cluster), job, paths, list(overrides))
 
 
 def submission_message(sjob: Any, cluster: ClusterConfig, after: str | None = None) -> str:

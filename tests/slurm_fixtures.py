@@ -69,3 +69,37 @@ def squeue(job_id: str) -> str:
     return subprocess.run(
         ["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True, check=True
     ).stdout.strip()
+
+
+def step_hook(before: str) -> str:
+    """A `sitecustomize.py` that runs the statement `before` at each `ShardGuard.take(step, failed)` (once a
+    step, on every rank; `step` is in scope) once trainer.shard_guard is imported. A job inherits it through
+    PYTHONPATH: it slows the steps, or fails one, without a line of test code in the trainer."""
+    return f"""\
+import importlib.abc, importlib.util, sys, time
+
+
+class StepHook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "trainer.shard_guard":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            take = module.ShardGuard.take
+
+            def hooked(self, step, *a):
+                {before}
+                return take(self, step, *a)
+
+            module.ShardGuard.take = hooked
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, StepHook())
+"""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from submitit.slurm.slurm import _make_sbatch_string
 
@@ -21,6 +23,18 @@ def write(tmp_path, text: str, name: str = "c.yaml"):
     return path
 
 
+def heal_lines(folder: str) -> dict:
+    """What every job gets for slurm/heal.py: the step ends at the first failed rank, a lost node leaves the
+    job running, and the teardown handles srun's exit status."""
+    heal = f"{sys.executable} -m slurm.heal"
+    return {
+        "setup": [f"{heal} mark {folder}"],
+        "srun_args": ["--kill-on-bad-exit=1"],
+        "teardown": ["ldit_rc=$?", f"{heal} after {folder} $ldit_rc", "exit $?"],
+        "additional_parameters": {"no-kill": True, "requeue": True},
+    }
+
+
 def test_local_cluster_file():
     params = sbatch_parameters(load_cluster([LOCAL]), job_name="ldit-train")
     assert params == {
@@ -31,6 +45,7 @@ def test_local_cluster_file():
         "cpus_per_task": 1,
         "time": 10,
         "signal_delay_s": 60,
+        **heal_lines(str(ROOT / "runs" / "slurm" / "%j")),
     }
 
 
@@ -49,12 +64,14 @@ def test_example_gpu_cluster_file_one_task_per_gpu():
         "time": 1440,
         "signal_delay_s": 120,
         "dependency": "afterok:1234",
+        **heal_lines(str(ROOT / "runs" / "slurm" / "%j")),
         "setup": [
             "module load cuda/12.4",
             'source "$HOME/ldit/.venv/bin/activate"',
             "export NCCL_DEBUG=WARN",
+            f"{sys.executable} -m slurm.heal mark {ROOT / 'runs' / 'slurm' / '%j'}",
         ],
-        "additional_parameters": {"exclusive": True},
+        "additional_parameters": {"no-kill": True, "requeue": True, "exclusive": True},
     }
     assert cluster.max_requeues == 30
     # What sbatch receives, as submitit writes it.
@@ -71,9 +88,15 @@ def test_example_gpu_cluster_file_one_task_per_gpu():
         "#SBATCH --signal=USR2@120",
         "#SBATCH --dependency=afterok:1234",
         "#SBATCH --exclusive",
+        "#SBATCH --no-kill",
+        "#SBATCH --requeue",
         "module load cuda/12.4",
     ]:
         assert line in script.splitlines(), line
+    # srun's status reaches the teardown: nothing runs between them (blank lines and comments keep $?)
+    tail = script[script.index("srun ") :].splitlines()
+    assert tail[0].endswith("--kill-on-bad-exit=1 python -m x")
+    assert [x for x in tail[1:] if x.strip() and not x.startswith("#")][0] == "ldit_rc=$?"
 
 
 def test_defaults_gres_and_overrides(tmp_path):
@@ -87,9 +110,7 @@ def test_defaults_gres_and_overrides(tmp_path):
         "a100",
     )
     # Unset keys are not sent: the partition's defaults apply.
-    assert not {"account", "mem", "cpus_per_task", "setup", "additional_parameters", "dependency"} & set(
-        params
-    )
+    assert not {"account", "mem", "cpus_per_task", "dependency"} & set(params)
     # A CPU cluster without tasks_per_node runs one task per node.
     cpu = load_cluster([write(tmp_path, "partition: p\n", "cpu.yaml")])
     assert (cpu.tasks, sbatch_parameters(cpu)["ntasks_per_node"]) == (1, 1)
@@ -140,6 +161,12 @@ def test_files_merge_in_order(tmp_path):
         ),
         ("partition: p\n", ["mem_gb=-1"], "mem_gb must be at least 1 (or unset), got -1"),
         ("partition: p\n", ["gpu_request=gpus"], "gpu_request"),
+        ("partition: p\n", ["max_failures=-1"], "max_failures must be 0 or more, got -1"),
+        (
+            "partition: p\nsbatch: {no_kill: false}\n",
+            [],
+            "sbatch.no_kill: ldit sets this option itself (always set: slurm/heal.py handles a lost node); remove it",
+        ),
     ],
 )
 def test_bad_cluster_files(tmp_path, text, overrides, message):

@@ -297,6 +297,8 @@ def test_status_says_why_an_eval_after_a_failed_training_never_runs(tmp_path, ca
             assert time.monotonic() < deadline, status
             time.sleep(1)
         assert re.search(rf"{train_id}\s+ldit train\s+FAILED", status), status
+        # slurm/heal.py did not requeue it: a non-finite loss is the run's input, it fails the same way again
+        assert "not retried: the job's input is wrong (it would fail the same way again)" in status, status
         assert re.search(
             rf"{eval_id}\s+ldit eval\s+PENDING \(DependencyNeverSatisfied\).*after {train_id}", status
         )
