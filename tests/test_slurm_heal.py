@@ -144,7 +144,10 @@ def test_a_killed_rank_requeues_the_job_which_ends_like_an_uninterrupted_run(bas
     failures = [json.loads(x) for x in (run / "slurm" / "failures.jsonl").read_text().splitlines()]
     assert len(failures) == 1, failures
     (f,) = failures
-    assert f["reason"] == "task 3 on n2: Killed", f  # srun's first line; the others were killed by srun
+    # srun's first line names the killed rank; had a survivor's exit reached srun first, it names the lost peer
+    assert f["reason"] == "task 3 on n2: Killed" or re.fullmatch(
+        r"task [0-2] on n[12]: Exited with exit code 76 \(ldit train: a peer was lost .*\)", f["reason"]
+    ), f
     assert f["action"] == "requeued (failure 1 of max_failures=3 in a row)" and f["lost_nodes"] == [], f
     assert f["latest"] == f"step-{EVERY:08d}"
     assert history(job.job_id) == ["REQUEUED", "COMPLETED"]
