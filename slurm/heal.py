@@ -41,7 +41,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from slurm.status import FAILURES_FILE
+from slurm.status import FAILURES_FILE, JOBS_FILE, read_jsonl, scontrol_job
 
 OFFSETS = "heal-offsets.json"
 POLL_S = 5.0
@@ -84,11 +84,8 @@ def failure_reason(logs: dict[str, str]) -> tuple[str, bool]:
     for task in sorted(logs, key=int):
         if found := re.search(r"^ldit [\w-]+: error: .*$", logs[task], re.M):
             return f"task {task}: {found.group(0)}", True
-    first = None  # the first task srun saw fail; the tasks it killed itself afterwards say "Killed"
-    for text in logs.values():
-        for line in text.splitlines():
-            if (m := SRUN_TASK.match(line)) and first is None:
-                first = m
+    srun = (SRUN_TASK.match(line) for text in logs.values() for line in text.splitlines())
+    first = next(filter(None, srun), None)  # the first task srun saw fail (it killed the others after)
     last_exception = {}
     for task, text in logs.items():
         bare = (RANK_PREFIX.sub("", line).strip() for line in text.splitlines())
@@ -98,7 +95,8 @@ def failure_reason(logs: dict[str, str]) -> tuple[str, bool]:
         task = first.group(2).split(",")[0].split("-")[0]
         why = f"task {task} on {first.group(1)}: {first.group(3)}"
         return why + (f" ({last_exception[task]})" if task in last_exception else ""), False
-    for task in sorted(last_exception, key=int):
+    if last_exception:
+        task = min(last_exception, key=int)
         return f"task {task}: {last_exception[task]}", False
     nodes = re.findall(r"srun: error: Node failure on (\S+)", "\n".join(logs.values()))
     return (f"node failure on {', '.join(nodes)}" if nodes else "the step failed; see the tasks' logs"), False
@@ -135,14 +133,6 @@ def hostnames(nodelist: str) -> list[str]:
     return _run("scontrol", "show", "hostnames", nodelist).split() if nodelist else []
 
 
-def job_nodes(job_id: str) -> tuple[str, list[str]]:
-    """(state, nodes) of a job as slurmctld has it now."""
-    out = _run("scontrol", "show", "job", "-o", job_id)
-    state = re.search(r"\bJobState=(\S+)", out)
-    nodes = re.search(r"\bNodeList=(\S+)", out)
-    return (state.group(1) if state else "UNKNOWN"), hostnames(nodes.group(1) if nodes else "")
-
-
 def healthy_nodes(partition: str, excluded: set[str]) -> list[str]:
     """Nodes of the partition that can run a job now or soon (not down, drained or silent), less `excluded`."""
     healthy = []
@@ -158,16 +148,17 @@ def after(folder: Path, rc: int) -> int:
     job_id = os.environ["SLURM_JOB_ID"]
     if rc == 0:
         return 0
-    state, nodes_now = job_nodes(job_id)
+    now = scontrol_job(job_id)
+    state, nodes_now = now.get("JobState", "UNKNOWN"), hostnames(now.get("NodeList", ""))
     if state != "RUNNING":  # scancel, or submitit's requeue on a time limit: not a failure to handle
         print(f"ldit heal: step ended with {rc} while the job is {state}: nothing to do", flush=True)
         return rc
     submission = pickle.loads((folder / f"{job_id}_submitted.pkl").read_bytes())
-    task, (job, files, overrides) = submission.function, submission.args
-    cluster, cfg = task.cluster, job.load(files, overrides)
+    job, files, overrides = submission.args
+    cluster, cfg = submission.function.cluster, job.load(files, overrides)
     run_dir = cfg.run.dir if hasattr(cfg, "run") else None
     records_path = run_dir / FAILURES_FILE if run_dir else folder / FAILURES_FILE.name
-    records = [json.loads(x) for x in records_path.read_text().splitlines()] if records_path.is_file() else []
+    records = read_jsonl(records_path)
     latest_file = run_dir / "checkpoints" / "latest" if run_dir else None
     latest = latest_file.read_text().strip() if latest_file and latest_file.is_file() else None
     reason, input_error = failure_reason(attempt_logs(folder))
@@ -189,7 +180,7 @@ def after(folder: Path, rc: int) -> int:
     elif not lost:
         record["action"] = f"requeued (failure {failures} of max_failures={cluster.max_failures} in a row)"
     else:
-        record["action"] = resubmit(task, job, files, overrides, cluster, cfg, lost, run_dir, job_id)
+        record["action"] = resubmit(job, files, overrides, cluster, cfg, lost, run_dir, job_id)
     print(f"ldit heal: job {job_id} attempt {record['attempt']}: {reason}; {record['action']}", flush=True)
     records_path.parent.mkdir(parents=True, exist_ok=True)
     with open(records_path, "a") as f:
@@ -199,7 +190,10 @@ def after(folder: Path, rc: int) -> int:
     return 0 if record["action"].startswith("continued") else rc
 
 
-def resubmit(task, job, files, overrides, cluster, cfg, lost, run_dir, job_id) -> str:
+def resubmit(
+    job: Any, files: list[str], overrides: list[str], cluster: Any, cfg: Any, lost: list[str],
+    run_dir: Path | None, job_id: str,
+) -> str:  # fmt: skip
     """Submit this job again without the `lost` nodes, on as many nodes as come back within regrow_wait_s."""
     from slurm.status import record_submission
     from slurm.submit import submit
@@ -217,7 +211,7 @@ def resubmit(task, job, files, overrides, cluster, cfg, lost, run_dir, job_id) -
     new = submit(job, files, overrides, again)
     if run_dir is not None:
         record_submission(run_dir, new.job_id, job.name, f"{nodes} node(s), without {', '.join(lost)}", None)
-        for entry in (json.loads(x) for x in (run_dir / "slurm" / "jobs.jsonl").read_text().splitlines()):
+        for entry in read_jsonl(run_dir / JOBS_FILE):
             if entry.get("after") == job_id:  # `--then-eval`: wait for the job that goes on instead
                 subprocess.run(["scontrol", "update", f"JobId={entry['job_id']}", f"Dependency=afterok:{new.job_id}"],
                                capture_output=True, timeout=60)  # fmt: skip

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -56,6 +57,24 @@ def record_submission(run_dir: Path, job_id: str, job: str, description: str, af
     }
     with open(path, "a") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (`jobs.jsonl`, `failures.jsonl`), oldest first; [] when it is absent."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def scontrol_job(job_id: str) -> dict[str, str]:
+    """A job as slurmctld has it now (`scontrol show job -o`: JobState, NodeList, …); {} when it cannot say."""
+    if not shutil.which("scontrol"):
+        return {}
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return dict(re.findall(r"\b(\w+)=(\S*)", out.stdout))
 
 
 def requeues(job_ids: list[str]) -> dict[str, int]:
@@ -183,17 +202,12 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         {"name": m.parent.name, "metrics": json.loads(m.read_text())}
         for m in sorted((run_dir / "eval").glob("*/metrics.json"))
     ]
-    jobs = None
-    jobs_path = run_dir / JOBS_FILE
-    if jobs_path.is_file():
-        jobs = [json.loads(line) for line in jobs_path.read_text().splitlines()]
+    jobs = read_jsonl(run_dir / JOBS_FILE) or None
+    if jobs:
         states = slurm_states([j["job_id"] for j in jobs])
         counts = requeues([j["job_id"] for j in jobs])
         jobs = [{**j, "state": states[j["job_id"]], "requeues": counts.get(j["job_id"], 0)} for j in jobs]
-    failures_path = run_dir / FAILURES_FILE
-    failures = (
-        [json.loads(x) for x in failures_path.read_text().splitlines()] if failures_path.is_file() else []
-    )
+    failures = read_jsonl(run_dir / FAILURES_FILE)
     stall = None
     running = [j["job_id"] for j in jobs or [] if j["state"].startswith("RUNNING")]
     if last_log is not None and running:

@@ -76,20 +76,13 @@ def job_state() -> str | None:
     is then COMPLETING; requeuing it made a cancelled job start again (seen on the test cluster: a
     scancelled tiny DiT came back RUNNING twice).
     """
-    import shutil
-    import subprocess
+    from slurm.status import scontrol_job
 
-    if not shutil.which("scontrol"):
-        return None
     try:
         job_id = submitit.JobEnvironment().job_id
-        out = subprocess.run(
-            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
-        ).stdout
-    except (RuntimeError, OSError, subprocess.TimeoutExpired):
+    except RuntimeError:  # not in a SLURM job
         return None
-    found = re.search(r"\bJobState=(\S+)", out)
-    return found.group(1) if found else None
+    return scontrol_job(job_id).get("JobState")
 
 
 def requeue_through_submitit() -> None:
