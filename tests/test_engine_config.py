@@ -25,3 +25,22 @@ def test_buckets_hold_the_model_up_to_the_cap():
     zero = cfg["zero_optimization"]
     assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (12_346, 12_346)
     assert cfg["train_batch_size"] == 16 and cfg["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
+def test_the_step_pays_only_for_checks_it_uses():
+    """nonfinite=stop without clipping: no gradient norm and no overflow scan per step (the loop turns the
+    norm on for log steps); clipping needs the norm; nonfinite=skip needs DeepSpeed's own checks; no
+    overlap_comm on the CPU (no side streams there)."""
+
+    def zero_and_bf16(**kw):
+        cfg = deepspeed_config(micro_batch=4, grad_accum=1, world_size=2, dtype=torch.bfloat16, zero_stage=2,
+                               trainable_params=1000, **kw)  # fmt: skip
+        return cfg["zero_optimization"]["compute_grad_norm"], cfg["bf16"]["check_grad_overflow"]
+
+    assert zero_and_bf16(grad_clip=0.0, nonfinite="stop") == (False, False)
+    assert zero_and_bf16(grad_clip=1.0, nonfinite="stop") == (True, False)
+    assert zero_and_bf16(grad_clip=0.0, nonfinite="skip") == (True, True)
+    stage0 = deepspeed_config(micro_batch=4, grad_accum=1, world_size=1, dtype=torch.float32, grad_clip=0.0,
+                              zero_stage=0)  # fmt: skip
+    assert "compute_grad_norm" not in stage0["zero_optimization"]  # DeepSpeed refuses the key below stage 1
+    assert stage0["zero_optimization"]["overlap_comm"] is False  # CPU here

@@ -94,12 +94,55 @@ class StopSignals:
             signal.signal(s, handler)
 
 
+_HOST_GROUP: Any = None
+
+
+def host_group() -> Any:
+    """The process group for flags every rank knows on the host (a signal, a bad shard): the default group
+    under gloo; under nccl, a gloo group over the same ranks, made on first use (every rank makes it in
+    the same collective call), so agreeing on host flags never waits for the GPU."""
+    global _HOST_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
 def agree(*flags: bool) -> list[bool]:
-    """Each flag OR-ed over all ranks (one small all-reduce; on GPUs it rides on the device)."""
-    dev = device() if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([float(f) for f in flags], device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    """Each host flag OR-ed over all ranks: one small all-reduce of a CPU tensor over :func:`host_group`
+    (gloo), which waits for the other ranks' hosts but not for any device."""
+    t = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
     return [bool(x) for x in t.tolist()]
+
+
+class NonFiniteWatch:
+    """The first step whose loss was not finite, kept on the device and read only when asked.
+
+    Reading a loss every step (`.item()`, `.tolist()`) makes the host wait for the device to finish the
+    step, so on GPUs the CPU can no longer queue the next step while this one runs. Here each step folds
+    `isfinite(loss)` into a device scalar (no sync); :meth:`agreed_first` all-reduces it (MIN over ranks)
+    and reads it: one sync, at the steps the loop chooses (a save, a log, every `nonfinite_check_every`
+    steps, the last), the same steps on every rank, so every rank stops at the same step.
+    """
+
+    NONE = float("inf")
+
+    def __init__(self, dev: torch.device) -> None:
+        self.first = torch.full((), self.NONE, dtype=torch.float64, device=dev)
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        """Fold one micro-batch's loss of `step` in (device ops only)."""
+        bad = ~torch.isfinite(loss.detach())
+        self.first = torch.where(bad & (self.first == self.NONE), float(step), self.first)
+
+    def agreed_first(self) -> int | None:
+        """The earliest non-finite step on any rank, or None (a collective and one host sync)."""
+        t = self.first.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        first = t.item()
+        return None if first == self.NONE else int(first)
 
 
 def sample_seed(seed: int, step: int, position: int) -> int:
@@ -111,8 +154,8 @@ def sample_seed(seed: int, step: int, position: int) -> int:
 def per_sample_normal(seed: int, step: int, positions: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """(n, *shape) standard normals, row i drawn from sample_seed(seed, step, positions[i]) on the CPU."""
     rows = [
-        torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, step, int(p))))
-        for p in positions
+        torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, step, p)))
+        for p in positions.tolist()  # the reader's host tensor
     ]
     return torch.stack(rows)
 
@@ -148,22 +191,50 @@ def memory_bytes(dev: torch.device) -> int:
 
 
 class Meter:
-    """Step timing: data wait, step time, samples/s, over the steps since the last log."""
+    """Step timing: data wait, step time, samples/s, over the steps since the last log.
 
-    def __init__(self) -> None:
+    On GPUs the host queues work ahead of the device, so a host clock around a step measures how fast the
+    step was queued, not run: there each step is bracketed by CUDA events, read at the log step (the
+    log's own read of the losses has waited for the device by then). On the CPU, `time.perf_counter`.
+    """
+
+    def __init__(self, dev: torch.device | None = None) -> None:
+        self.cuda = dev is not None and dev.type == "cuda"
         self.reset()
 
     def reset(self) -> None:
         self.steps, self.samples, self.data_wait, self.start = 0, 0, 0.0, time.perf_counter()
-        self.step_times: list[float] = []
+        self.step_times: list[Any] = []  # seconds, or (start, end) CUDA event pairs
 
-    def add(self, samples: int, data_wait: float, step_time: float) -> None:
+    def begin(self) -> Any:
+        """Mark a step's start; hand the result to :meth:`add` when the step is queued."""
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def add(self, samples: int, data_wait: float, began: Any) -> None:
         self.steps += 1
         self.samples += samples
         self.data_wait += data_wait
-        self.step_times.append(step_time)
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.step_times.append((began, end))
+        else:
+            self.step_times.append(time.perf_counter() - began)
+
+    def seconds(self) -> list[float]:
+        """Each step's time since the last log (on GPUs this waits for the last step's end event)."""
+        if not self.cuda:
+            return list(self.step_times)
+        if self.step_times:
+            self.step_times[-1][1].synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in self.step_times]
 
     def summary(self, world_size: int, flops_per_sample: float, peak_tflops: float) -> dict[str, float]:
+        times = self.seconds()
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         rate = self.samples / elapsed
         per_device = rate / world_size
@@ -172,7 +243,7 @@ class Meter:
             "perf/samples_per_s_per_device": per_device,
             "perf/mfu": per_device * flops_per_sample / (peak_tflops * 1e12),
             "perf/data_wait_s": self.data_wait / max(self.steps, 1),
-            "perf/step_time_s": sum(self.step_times) / max(len(self.step_times), 1),
+            "perf/step_time_s": sum(times) / max(len(times), 1),
         }
 
 

@@ -9,7 +9,6 @@ continues bit for bit at the same world size.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -28,6 +27,7 @@ from trainer.common import (
     Logger,
     Meter,
     NonFiniteLoss,
+    NonFiniteWatch,
     StopRequested,
     StopSignals,
     agree,
@@ -39,7 +39,7 @@ from trainer.common import (
     topology,
 )
 from trainer.config import TrainDiTConfig
-from trainer.engine import build_engine, deepspeed_config
+from trainer.engine import build_engine, deepspeed_config, grad_norm_next_step
 from trainer.export import export_weights
 from trainer.heartbeat import Heartbeat
 from trainer.preflight import open_training_shards
@@ -100,13 +100,17 @@ def train(cfg: TrainDiTConfig) -> None:
     if resume is None and cfg.init_from:
         model.load_state_dict(load_lightningdit(cfg.init_from).state_dict())
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.model.compile:
+        from models.compile import compile_regions
+
+        compile_regions(model)  # in place: the module keeps its own state_dict keys
     init = fp32_snapshot(model)  # the EMA starts from the fp32 weights, before DeepSpeed casts the module
     elastic = resume is not None and resume.meta["world_size"] != topo.world_size
     trained = [p for p in model.parameters() if p.requires_grad]
     ds_config = deepspeed_config(
         micro_batch=topo.micro_batch, grad_accum=topo.grad_accum, world_size=topo.world_size,
         dtype=topo.dtype, grad_clip=cfg.optim.grad_clip, zero_stage=cfg.zero_stage, comm_dtype=cfg.comm_dtype,
-        load_universal=elastic, trainable_params=sum(p.numel() for p in trained),
+        load_universal=elastic, trainable_params=sum(p.numel() for p in trained), nonfinite=cfg.nonfinite,
     )  # fmt: skip
     engine = build_engine(
         model, trained, lr=cfg.optim.lr, betas=cfg.optim.betas,
@@ -137,21 +141,26 @@ def train(cfg: TrainDiTConfig) -> None:
         workers=cfg.data.workers, pin_memory=topo.device.type == "cuda",
     )  # fmt: skip
     mean, std = manifest.latent.mean, manifest.latent.std
-    signals, logger, meter = StopSignals(), Logger(run_dir, step), Meter()
-    sums: dict[str, float] = {"loss/total": 0.0, "loss/mse": 0.0, "loss/cos": 0.0}
+    signals, logger, meter = StopSignals(), Logger(run_dir, step), Meter(topo.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=topo.device)  # loss/total, mse, cos since the last log
+    watch = NonFiniteWatch(topo.device)  # read at check steps only: no host sync per step
     skipped = 0
     shards = ShardGuard(cfg.data, manifest, run_dir, reader.batches(step))  # reads a step ahead
     (bad_next,) = agree(shards.fetch()) if step < cfg.steps else (False,)  # the first step's batch
     heartbeat = Heartbeat(cfg.heartbeat_s, topo.rank)  # a lost or hung peer ends this rank (exit 76)
     try:
         while step < cfg.steps:
-            t0 = time.perf_counter()
+            began = meter.begin()
             batch = shards.take(step, bad_next)  # data, read a step ahead (a bad shard stops all here)
             x1 = normalize_latents(batch.x.to(topo.device, non_blocking=True), mean, std)
-            y = batch.y.to(topo.device)
-            noise, t, drop = (v.to(topo.device) for v in step_draws(cfg, step, batch.positions, x1.shape[1:]))
+            y = batch.y.to(topo.device, non_blocking=True)
+            noise, t, drop = (
+                v.to(topo.device, non_blocking=True)
+                for v in step_draws(cfg, step, batch.positions, x1.shape[1:])
+            )
             lr = engine.get_lr()[0]  # the rate this step applies (the scheduler advances in engine.step())
-            finite = True
+            logging = (step + 1) % cfg.log.every == 0 or step + 1 == cfg.steps
+            grad_norm_next_step(engine, logging)  # the norm costs a pass and a host read: only when logged
             for i in range(topo.grad_accum):
                 sl = slice(i * topo.micro_batch, (i + 1) * topo.micro_batch)
 
@@ -161,29 +170,35 @@ def train(cfg: TrainDiTConfig) -> None:
                 loss = flow.loss(net, x1[sl], y[sl], noise=noise[sl], t=t[sl])  # loss
                 engine.backward(loss.total)  # backward
                 engine.step()  # step (applied at the accumulation boundary)
-                values = torch.stack([loss.total, loss.mse, loss.cos]).tolist()  # one host sync
-                finite &= math.isfinite(values[0])
-                for k, v in zip(sums, values):
-                    sums[k] += v / topo.grad_accum
+                sums += (
+                    torch.stack([loss.total, loss.mse, loss.cos]).detach() / topo.grad_accum
+                )  # on the device
+                watch.add(step, loss.total)
             t1 = time.perf_counter()
             bad = shards.fetch() if step + 1 < cfg.steps else False  # the next step's batch, read ahead
             data_s = time.perf_counter() - t1
-            nonfinite, stopping, bad_next = agree(not finite, signals.received is not None, bad)  # one sync
+            stopping, bad_next = agree(signals.received is not None, bad)  # host flags: no device sync
             heartbeat.beat()  # every rank got here: this step finished
-            if nonfinite and cfg.nonfinite == "stop":
-                raise NonFiniteLoss(
-                    f"non-finite loss at step {step} (nonfinite=stop); the last checkpoint is intact"
-                )
             step += 1
             if engine.was_step_applied():
                 ema.update()  # EMA of the fp32 master weights the step just wrote
             else:
                 skipped += 1
-            meter.add(topo.global_batch, data_s, time.perf_counter() - t0)
-            if step % cfg.log.every == 0 or step == cfg.steps:  # log
-                values = mean_over_ranks(
-                    {k: v / meter.steps for k, v in sums.items()}
-                )  # over steps and ranks
+            meter.add(topo.global_batch, data_s, began)
+            saving = step % cfg.ckpt.every == 0 or step == cfg.steps or stopping
+            if cfg.nonfinite == "stop" and (logging or saving or step % cfg.nonfinite_check_every == 0):
+                if (first := watch.agreed_first()) is not None:  # the same steps on every rank
+                    raise NonFiniteLoss(
+                        f"non-finite loss at step {first} (nonfinite=stop, checked after step {step}); "
+                        "the last checkpoint is intact"
+                    )
+                if saving and not ema.masters_finite():  # a non-finite gradient under a finite loss
+                    raise NonFiniteLoss(
+                        f"non-finite weights after step {step} (nonfinite=stop); the last checkpoint is intact"
+                    )
+            if logging:  # log
+                means = sums / meter.steps
+                values = mean_over_ranks(dict(zip(("loss/total", "loss/mse", "loss/cos"), means.tolist())))
                 values |= meter.summary(topo.world_size, flops.forward + flops.backward, cfg.log.peak_tflops)
                 values |= {
                     "opt/lr": lr,
@@ -196,8 +211,8 @@ def train(cfg: TrainDiTConfig) -> None:
                 logger.scalars(step, values)
                 print0(f"step {step}/{cfg.steps} loss {values['loss/total']:.4f} mse {values['loss/mse']:.4f} "
                        f"{values['perf/samples_per_s']:.1f} samples/s")  # fmt: skip
-                sums, _ = dict.fromkeys(sums, 0.0), meter.reset()
-            saving = step % cfg.ckpt.every == 0 or step == cfg.steps or stopping
+                sums.zero_()
+                meter.reset()
             sampling = bool(cfg.log.sample_every) and (step % cfg.log.sample_every == 0 or step == cfg.steps)
             with heartbeat.paused():  # not steps: collective_timeout_s bounds saves and grids
                 if saving:  # checkpoint

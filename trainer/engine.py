@@ -36,6 +36,7 @@ def deepspeed_config(
     comm_dtype: str = "fp32",
     load_universal: bool = False,
     trainable_params: int | None = None,
+    nonfinite: str = "stop",
 ) -> dict[str, Any]:
     """The DeepSpeed JSON of one engine, generated from our config (saved as ds_config.json in the run).
 
@@ -59,9 +60,28 @@ def deepspeed_config(
     engine's trainable parameter count, not DeepSpeed's 5e8 default, which holds 5e8 elements whatever
     the model (1.86 GiB in fp32 per rank: XL/1 bf16 at W=2 went out of memory on this 23 GiB machine
     with it, benchmarks/bench_full_size.py).
+
+    What each step pays for only when it is used (issue #19):
+    - `compute_grad_norm` (ZeRO 1-2): the global gradient norm is a norm per parameter, a sum and a
+      host read (`is_invalid_grad_norm`) every step. It is on when clipping needs it, or when
+      `nonfinite=skip` needs DeepSpeed to find a non-finite gradient (in fp32 the norm is its only check);
+      else off, and the loop turns it on for the steps it logs (:func:`grad_norm_next_step`).
+    - `bf16.check_grad_overflow`: a scan of every gradient, an all-reduce and a host read per step; on
+      only for `nonfinite=skip`, which must decide before the update. `nonfinite=stop` checks the loss on
+      the device instead and reads it at save, log and check steps (trainer.common.NonFiniteWatch), and
+      a save also refuses non-finite master weights (ShardedEMA.masters_finite).
+    - `reduce_scatter`: on GPUs (NCCL's reduce-scatter moves half an all-reduce's bytes). On the CPU
+      DeepSpeed's "reduce-scatter" is one gloo `reduce` per owning rank, measured slower than one
+      all-reduce of the bucket (benchmarks/bench_ddp.py, the 12x384 model at W=2, 125.5 MiB of fp32
+      gradients: 392 ms against 82 ms), so there the bucket is all-reduced and each rank keeps its slice.
+    - `overlap_comm`: on GPUs with more than one rank, gradient buckets are reduced on a side stream
+      while backward goes on (two bucket buffers instead of one). Off on the CPU, where DeepSpeed's
+      streams are no-ops: no overlap to gain, a second buffer to pay.
     """
     data_types = {"grad_accum_dtype": "fp32"} if zero_stage >= 1 else {}
     bucket = bucket_elements(trainable_params)
+    skip = nonfinite == "skip"
+    norm = {"compute_grad_norm": grad_clip > 0 or skip} if zero_stage in (1, 2) else {}
     return {
         "train_batch_size": micro_batch * grad_accum * world_size,
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -69,18 +89,30 @@ def deepspeed_config(
         "gradient_clipping": grad_clip,
         "zero_optimization": {
             "stage": zero_stage,
-            "overlap_comm": False,
+            "reduce_scatter": use_gpus(),
+            "overlap_comm": use_gpus() and world_size > 1,
             "contiguous_gradients": True,
             "reduce_bucket_size": bucket,
             "allgather_bucket_size": bucket,
+            **norm,
         },
-        "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": True},
+        "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": skip},
         "data_types": data_types,
         "communication_data_type": comm_dtype,
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+
+
+def grad_norm_next_step(engine: Any, on: bool) -> None:
+    """Whether the engine's next optimizer step computes the global gradient norm (for a log step), when
+    its config computes it only when needed. Sets `compute_grad_norm` of DeepSpeed 0.19.8's ZeRO 1-2
+    optimizer, which `step()` reads each time (deepspeed/runtime/zero/stage_1_and_2.py); a config that
+    computes it always (clipping, nonfinite=skip) is left as it is."""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "compute_grad_norm"):
+        optimizer.compute_grad_norm = on or engine.zero_compute_grad_norm()  # the config says: always
 
 
 BUCKET_CAP = 50_000_000

@@ -122,6 +122,16 @@ class ShardedEMA:
             torch._foreach_mul_(frozen, self.decay)
             torch._foreach_add_(frozen, list(self._frozen_source.values()), alpha=1.0 - self.decay)
 
+    @torch.no_grad()
+    def masters_finite(self) -> bool:
+        """Whether every rank's fp32 master partition is finite (a collective; one host read). A save asks
+        it when no per-step check ran (nonfinite=stop): a non-finite gradient makes Adam's moments and
+        then the weights non-finite for good, so finite masters now mean finite masters and EMA so far."""
+        masters = self._masters()
+        bad = torch.stack([~torch.isfinite(m).all() for m in masters]).any().to(torch.float32)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bool(bad.item())
+
     def nbytes(self) -> int:
         """Bytes of EMA state this rank holds (its partitions, the frozen parameters and the buffers)."""
         held = [*self.shards, *self.frozen.values(), *self.buffers.values()]

@@ -34,7 +34,6 @@ checkpoint → reconstruction grid. Choices, and where they differ from the refe
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -54,6 +53,7 @@ from trainer.common import (
     Logger,
     Meter,
     NonFiniteLoss,
+    NonFiniteWatch,
     StopRequested,
     StopSignals,
     Topology,
@@ -66,7 +66,7 @@ from trainer.common import (
     topology,
 )
 from trainer.config import TrainVAVAEConfig
-from trainer.engine import build_engine, deepspeed_config
+from trainer.engine import build_engine, deepspeed_config, grad_norm_next_step
 from trainer.export import (
     DISC_PREFIX,
     EXTRA_PARTS,
@@ -122,6 +122,7 @@ def train(cfg: TrainVAVAEConfig) -> None:
             micro_batch=topo.micro_batch, grad_accum=topo.grad_accum, world_size=topo.world_size,
             dtype=topo.dtype, grad_clip=cfg.optim.grad_clip, zero_stage=cfg.zero_stage,
             comm_dtype=cfg.comm_dtype, load_universal=elastic, trainable_params=sum(p.numel() for p in trained),
+            nonfinite=cfg.nonfinite,
         )  # fmt: skip
         fp32[name] = fp32_snapshot(module)  # the weights before DeepSpeed casts them (EMA and master start)
         engines[name] = build_engine(
@@ -170,23 +171,28 @@ def train(cfg: TrainVAVAEConfig) -> None:
     )  # fmt: skip
     side = cfg.image_size // autoencoder.downsample_factor
     per_stream = cfg.data.global_batch // cfg.data.streams  # samples each stream gives a step
-    signals, logger, meter = StopSignals(), Logger(run_dir, step), Meter()
-    sums: dict[str, float] = {}
+    signals, logger, meter = StopSignals(), Logger(run_dir, step), Meter(topo.device)
+    sums: dict[str, torch.Tensor] = {}  # each logged loss since the last log, summed on the device
+    watch = NonFiniteWatch(topo.device)  # read at check steps only: no host sync per step
     skipped = 0
     shards = ShardGuard(cfg.data, manifest, run_dir, reader.batches(step))  # reads a step ahead
     (bad_next,) = agree(shards.fetch()) if step < cfg.steps else (False,)  # the first step's batch
     heartbeat = Heartbeat(cfg.heartbeat_s, topo.rank)  # a lost or hung peer ends this rank (exit 76)
     try:
         while step < cfg.steps:
-            t0 = time.perf_counter()
+            began = meter.begin()
             batch = shards.take(step, bad_next)  # data, read a step ahead (a bad shard stops all here)
             order = micro_batch_order(batch.positions, per_stream, topo)
             x = batch.x[order].to(topo.device, non_blocking=True)  # (b, 3, H, W) in [-1, 1]
             eps = per_sample_normal(cfg.seed, step, batch.positions[order], (args.embed_dim, side, side))
-            eps = eps.to(topo.device)
+            eps = eps.to(topo.device, non_blocking=True)
             ae_clock, d_clock = gan_steps(cfg.loss.disc_start_clock, step)
             lrs = {n: e.get_lr()[0] for n, e in engines.items()}  # this step's rates; step() advances them
-            finite = True
+            logging = (step + 1) % cfg.log.every == 0 or step + 1 == cfg.steps
+            for engine in engines.values():
+                grad_norm_next_step(
+                    engine, logging
+                )  # the norm costs a pass and a host read: only when logged
             for i in range(topo.grad_accum):
                 sl = slice(i * topo.micro_batch, (i + 1) * topo.micro_batch)
                 with frozen(discriminator):  # the AE backward must not enter engine D (DeepSpeed #4923)
@@ -200,27 +206,34 @@ def train(cfg: TrainVAVAEConfig) -> None:
                 d_engine.step()
                 logs = {f"loss/ae/{k}": v for k, v in ae_logs.items()}
                 logs |= {f"loss/disc/{k}": v for k, v in d_logs.items()}
-                values = dict(zip(logs, torch.stack(list(logs.values())).float().tolist()))  # one host sync
-                finite &= all(math.isfinite(values[k]) for k in ("loss/ae/total", "loss/disc/disc_loss"))
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v / topo.grad_accum
+                for k, v in zip(logs, torch.stack(list(logs.values())).detach().double().unbind()):
+                    sums[k] = sums.get(k, 0.0) + v / topo.grad_accum  # on the device
+                watch.add(step, logs["loss/ae/total"] + logs["loss/disc/disc_loss"])
             t1 = time.perf_counter()
             bad = shards.fetch() if step + 1 < cfg.steps else False  # the next step's batch, read ahead
             data_s = time.perf_counter() - t1
-            nonfinite, stopping, bad_next = agree(not finite, signals.received is not None, bad)  # one sync
+            stopping, bad_next = agree(signals.received is not None, bad)  # host flags: no device sync
             heartbeat.beat()  # every rank got here: this step finished
-            if nonfinite and cfg.nonfinite == "stop":
-                raise NonFiniteLoss(
-                    f"non-finite loss at step {step} (nonfinite=stop); the last checkpoint is intact"
-                )
             step += 1
             if ae_engine.was_step_applied():
                 ema.update()  # EMA of the fp32 master weights the step just wrote
             else:
                 skipped += 1
-            meter.add(topo.global_batch, data_s, time.perf_counter() - t0)
-            if step % cfg.log.every == 0 or step == cfg.steps:  # log
-                values = mean_over_ranks({k: v / meter.steps for k, v in sums.items()})
+            meter.add(topo.global_batch, data_s, began)
+            saving = step % cfg.ckpt.every == 0 or step == cfg.steps or stopping
+            if cfg.nonfinite == "stop" and (logging or saving or step % cfg.nonfinite_check_every == 0):
+                if (first := watch.agreed_first()) is not None:  # the same steps on every rank
+                    raise NonFiniteLoss(
+                        f"non-finite loss at step {first} (nonfinite=stop, checked after step {step}); "
+                        "the last checkpoint is intact"
+                    )
+                if saving and not ema.masters_finite():  # a non-finite gradient under a finite loss
+                    raise NonFiniteLoss(
+                        f"non-finite weights after step {step} (nonfinite=stop); the last checkpoint is intact"
+                    )
+            if logging:  # log
+                means = torch.stack(list(sums.values())) / meter.steps
+                values = mean_over_ranks(dict(zip(sums, means.tolist())))
                 perf = meter.summary(topo.world_size, 0.0, 1.0)  # no analytic FLOPs: MFU left out
                 values |= {k: v for k, v in perf.items() if k != "perf/mfu"}
                 for name, engine in engines.items():
@@ -235,8 +248,8 @@ def train(cfg: TrainVAVAEConfig) -> None:
                 logger.scalars(step, values)
                 print0(f"step {step}/{cfg.steps} loss {values['loss/ae/total']:.4f} nll {values['loss/ae/nll']:.4f} "
                        f"disc {values['loss/disc/disc_loss']:.4f} {values['perf/samples_per_s']:.1f} samples/s")  # fmt: skip
-                sums, _ = {}, meter.reset()
-            saving = step % cfg.ckpt.every == 0 or step == cfg.steps or stopping
+                sums = {}
+                meter.reset()
             sampling = bool(cfg.log.sample_every) and (step % cfg.log.sample_every == 0 or step == cfg.steps)
             with heartbeat.paused():  # not steps: collective_timeout_s bounds saves and grids
                 if saving:  # checkpoint
