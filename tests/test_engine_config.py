@@ -43,4 +43,7 @@ def test_the_step_pays_only_for_checks_it_uses():
     stage0 = deepspeed_config(micro_batch=4, grad_accum=1, world_size=1, dtype=torch.float32, grad_clip=0.0,
                               zero_stage=0)  # fmt: skip
     assert "compute_grad_norm" not in stage0["zero_optimization"]  # DeepSpeed refuses the key below stage 1
+    stage1 = deepspeed_config(micro_batch=4, grad_accum=1, world_size=1, dtype=torch.bfloat16, grad_clip=0.0,
+                              zero_stage=1)  # fmt: skip
+    assert "compute_grad_norm" not in stage1["zero_optimization"]  # its BF16 optimizer refuses it off
     assert stage0["zero_optimization"]["overlap_comm"] is False  # CPU here

@@ -62,10 +62,11 @@ def deepspeed_config(
     with it, benchmarks/bench_full_size.py).
 
     What each step pays for only when it is used (issue #19):
-    - `compute_grad_norm` (ZeRO 1-2): the global gradient norm is a norm per parameter, a sum and a
+    - `compute_grad_norm` (ZeRO-2): the global gradient norm is a norm per parameter, a sum and a
       host read (`is_invalid_grad_norm`) every step. It is on when clipping needs it, or when
       `nonfinite=skip` needs DeepSpeed to find a non-finite gradient (in fp32 the norm is its only check);
-      else off, and the loop turns it on for the steps it logs (:func:`grad_norm_next_step`).
+      else off, and the loop turns it on for the steps it logs (:func:`grad_norm_next_step`). Stage 1
+      keeps DeepSpeed's default (on): its BF16 optimizer refuses it off under fp32 accumulation.
     - `bf16.check_grad_overflow`: a scan of every gradient, an all-reduce and a host read per step; on
       only for `nonfinite=skip`, which must decide before the update. `nonfinite=stop` checks the loss on
       the device instead and reads it at save, log and check steps (trainer.common.NonFiniteWatch), and
@@ -81,7 +82,7 @@ def deepspeed_config(
     data_types = {"grad_accum_dtype": "fp32"} if zero_stage >= 1 else {}
     bucket = bucket_elements(trainable_params)
     skip = nonfinite == "skip"
-    norm = {"compute_grad_norm": grad_clip > 0 or skip} if zero_stage in (1, 2) else {}
+    norm = {"compute_grad_norm": grad_clip > 0 or skip} if zero_stage == 2 else {}
     return {
         "train_batch_size": micro_batch * grad_accum * world_size,
         "train_micro_batch_size_per_gpu": micro_batch,
