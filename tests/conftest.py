@@ -54,3 +54,17 @@ def _restore_environment():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture
+def world_of_one(monkeypatch):
+    """A gloo process group of one rank in this process (slurm.env.init_distributed, no launcher variables)."""
+    from slurm.env import init_distributed, shutdown
+
+    for k, v in clean_env().items():
+        monkeypatch.setenv(k, v)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    init_distributed(timeout_s=60)
+    yield
+    shutdown()

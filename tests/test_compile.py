@@ -26,7 +26,6 @@ import models.lightningdit as ldit
 from models.compile import compile_regions, is_compiled
 from models.flow import FlowArgs, RectifiedFlow
 from models.lightningdit import LightningDiT, lightningdit_args
-from tests.conftest import clean_env
 
 TOL = 5e-6
 ARGS = lightningdit_args("T/1", in_channels=4, input_size=8, num_classes=10)  # 2 blocks x 64, 64 tokens
@@ -130,20 +129,6 @@ def test_state_dict_keys_are_the_modules_own_and_load_both_ways(pair, tmp_path):
     out = eager.train()(x, t, y, drop_mask=drop)  # training mode: the graphs the tests above compiled
     assert torch.equal(fresh_eager.train()(x, t, y, drop_mask=drop), out)
     assert rel_err(fresh_compiled.train()(x, t, y, drop_mask=drop), out) < TOL
-
-
-@pytest.fixture
-def world_of_one(monkeypatch):
-    """A gloo process group of one rank in this process (as tests/test_faults.py)."""
-    from slurm.env import init_distributed, shutdown
-
-    for k, v in clean_env().items():
-        monkeypatch.setenv(k, v)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-    init_distributed(timeout_s=60)
-    yield
-    shutdown()
 
 
 def test_deepspeed_zero2_steps_match_eager_and_save_plain_keys(world_of_one, tmp_path):

@@ -381,20 +381,6 @@ def test_skipped_shards_leave_an_elastic_stream(latents, tmp_path):
         without_shards(reduced, ["nope.tar"])
 
 
-@pytest.fixture
-def world_of_one(monkeypatch):
-    """A gloo process group of one rank in this process (slurm.env.init_distributed, no launcher variables)."""
-    from slurm.env import init_distributed, shutdown
-
-    for k, v in clean_env().items():
-        monkeypatch.setenv(k, v)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-    init_distributed(timeout_s=60)
-    yield
-    shutdown()
-
-
 def test_size_only_verification_misses_what_sha256_catches(latents, tmp_path, world_of_one):
     from data_prep.manifest import ShardSetError
     from trainer.config import StreamConfig

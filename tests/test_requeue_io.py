@@ -20,14 +20,11 @@ import pytest
 from data_prep.manifest import ShardSetError, load_manifest
 from data_prep.reader import StreamPlan, StreamReader, latent_decoder
 from data_prep.verify import RECORD, read_record
-from tests import test_faults
 from tests.data_fixtures import gaussian_latent_set
 from tests.test_faults import cmd, rank_output, start_ranks
 from tests.test_train_dit import log, train
 from trainer.config import StreamConfig
 from trainer.preflight import open_training_shards
-
-world_of_one = test_faults.world_of_one  # a gloo group of one rank in this process (a fixture)
 
 
 def read_bytes() -> int:

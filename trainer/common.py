@@ -11,6 +11,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,19 +119,21 @@ def agree(*flags: bool) -> list[bool]:
 
 
 class NonFiniteWatch:
-    """The first step whose loss was not finite, kept on the device and read only when asked.
+    """The first step whose loss was not finite, kept on the device and read only at check steps.
 
     Reading a loss every step (`.item()`, `.tolist()`) makes the host wait for the device to finish the
     step, so on GPUs the CPU can no longer queue the next step while this one runs. Here each step folds
-    `isfinite(loss)` into a device scalar (no sync); :meth:`agreed_first` all-reduces it (MIN over ranks)
-    and reads it: one sync, at the steps the loop chooses (a save, a log, every `nonfinite_check_every`
-    steps, the last), the same steps on every rank, so every rank stops at the same step.
+    `isfinite(loss)` into a device scalar (no sync); :meth:`check` all-reduces it (MIN over ranks) and
+    reads it: one sync, at the steps the loop names (a save, a log) and every `every` steps, the same
+    steps on every rank, so every rank stops at the same step. Off (`enabled=False`) for nonfinite=skip,
+    where DeepSpeed's own per-step check decides.
     """
 
     NONE = float("inf")
 
-    def __init__(self, dev: torch.device) -> None:
+    def __init__(self, dev: torch.device, every: int, enabled: bool = True) -> None:
         self.first = torch.full((), self.NONE, dtype=torch.float64, device=dev)
+        self.every, self.enabled = every, enabled
 
     def add(self, step: int, loss: torch.Tensor) -> None:
         """Fold one micro-batch's loss of `step` in (device ops only)."""
@@ -143,6 +146,22 @@ class NonFiniteWatch:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         first = t.item()
         return None if first == self.NONE else int(first)
+
+    def check(self, step: int, due: bool, saving: bool, masters_finite: Callable[[], bool]) -> None:
+        """After `step` steps: when a check is `due` or falls on this step, raise NonFiniteLoss if any
+        rank saw a non-finite loss; before a save also if the fp32 master weights are not finite (a
+        non-finite gradient under a finite loss), so no checkpoint holds non-finite weights."""
+        if not self.enabled or not (due or saving or step % self.every == 0):
+            return
+        if (first := self.agreed_first()) is not None:
+            raise NonFiniteLoss(
+                f"non-finite loss at step {first} (nonfinite=stop, checked after step {step}); "
+                "the last checkpoint is intact"
+            )
+        if saving and not masters_finite():
+            raise NonFiniteLoss(
+                f"non-finite weights after step {step} (nonfinite=stop); the last checkpoint is intact"
+            )
 
 
 def sample_seed(seed: int, step: int, position: int) -> int:

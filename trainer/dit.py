@@ -26,7 +26,6 @@ from trainer.checkpoint import EMA_FILE, Checkpointer
 from trainer.common import (
     Logger,
     Meter,
-    NonFiniteLoss,
     NonFiniteWatch,
     StopRequested,
     StopSignals,
@@ -143,7 +142,7 @@ def train(cfg: TrainDiTConfig) -> None:
     mean, std = manifest.latent.mean, manifest.latent.std
     signals, logger, meter = StopSignals(), Logger(run_dir, step), Meter(topo.device)
     sums = torch.zeros(3, dtype=torch.float64, device=topo.device)  # loss/total, mse, cos since the last log
-    watch = NonFiniteWatch(topo.device)  # read at check steps only: no host sync per step
+    watch = NonFiniteWatch(topo.device, cfg.nonfinite_check_every, cfg.nonfinite == "stop")
     skipped = 0
     shards = ShardGuard(cfg.data, manifest, run_dir, reader.batches(step))  # reads a step ahead
     (bad_next,) = agree(shards.fetch()) if step < cfg.steps else (False,)  # the first step's batch
@@ -186,16 +185,7 @@ def train(cfg: TrainDiTConfig) -> None:
                 skipped += 1
             meter.add(topo.global_batch, data_s, began)
             saving = step % cfg.ckpt.every == 0 or step == cfg.steps or stopping
-            if cfg.nonfinite == "stop" and (logging or saving or step % cfg.nonfinite_check_every == 0):
-                if (first := watch.agreed_first()) is not None:  # the same steps on every rank
-                    raise NonFiniteLoss(
-                        f"non-finite loss at step {first} (nonfinite=stop, checked after step {step}); "
-                        "the last checkpoint is intact"
-                    )
-                if saving and not ema.masters_finite():  # a non-finite gradient under a finite loss
-                    raise NonFiniteLoss(
-                        f"non-finite weights after step {step} (nonfinite=stop); the last checkpoint is intact"
-                    )
+            watch.check(step, logging, saving, ema.masters_finite)  # nonfinite=stop: read the flag
             if logging:  # log
                 means = sums / meter.steps
                 values = mean_over_ranks(dict(zip(("loss/total", "loss/mse", "loss/cos"), means.tolist())))
