@@ -11,7 +11,6 @@ import pytest
 from data_prep.manifest import ShardSetError, load_manifest
 from data_prep.reader import StreamReader, latent_decoder
 from data_prep.shards import encode_npy, read_shard, write_shard
-from tests import test_faults
 from tests.data_fixtures import cut_set, gaussian_latent_set, latent_set
 from tests.test_requeue_io import corrupt, measured
 
@@ -125,8 +124,6 @@ def test_cut_tar_is_refused_by_the_verifier_and_the_training_reader(shard_set, t
 
 
 # ---------------------------------------------------- a full pass recorded beside the manifest (issue #17)
-
-world_of_one = test_faults.world_of_one  # a gloo group of one rank in this process (a fixture)
 
 
 @pytest.fixture(scope="module")
