@@ -82,9 +82,22 @@ class EvalConfig:
     """VA-VAE runs: local LPIPS v0.1 heads file (empty: the run's `loss.lpips_weights`, else the `lpips` package's)."""
     collective_timeout_s: float = 1800.0
     """Seconds a collective may wait for another rank (rank 0 computes the metrics while the others wait)."""
+    follow: bool = False
+    """Follow the run (`ldit eval … --follow`): wait for each milestone export its training config names
+    (`export.every`, `export.at` and the last step), evaluate each one not yet evaluated (`step` is ignored),
+    keep `eval/<settings>/curve.csv|png` up to date, and end after the last step's export (slurm/follow.py)."""
+    follow_poll_s: float = 30.0
+    """Follow: seconds between looks for new exports."""
+    follow_timeout_s: float = 0.0
+    """Follow: give up after this many seconds without a new export while it cannot tell that training is still
+    running (no SLURM job of the run is pending or running); 0: wait as long as training may still export."""
 
     def validate(self) -> None:
         """Rules that need neither the export nor the world size (those are checked when the job starts)."""
+        if self.follow_poll_s <= 0 or self.follow_timeout_s < 0:
+            raise ValueError(
+                f"follow_poll_s={self.follow_poll_s} must be positive and follow_timeout_s={self.follow_timeout_s} >= 0"
+            )
         if self.batch_size <= 0:
             raise ValueError(f"batch_size={self.batch_size} must be positive")
         if self.num_samples < 0:

@@ -269,15 +269,16 @@ def write_grid(path: Path, images: np.ndarray) -> None:
     torchvision.io.write_png(grid, str(path))
 
 
-def run(cfg: EvalConfig) -> None:
-    """`ldit eval`: sample + FID of a LightningDiT export, or reconstruction metrics of a VA-VAE export."""
+def run(cfg: EvalConfig) -> Path:
+    """`ldit eval`: sample + FID of a LightningDiT export, or reconstruction metrics of a VA-VAE export.
+
+    Returns the output folder `<run>/eval/<name>` (on every rank; rank 0 wrote it)."""
     folder, step = resolve_export(cfg)
     kind, _ = read_meta(folder)
     if kind == "lightningdit":
         from eval.sample_fid import evaluate_dit
 
-        evaluate_dit(cfg, folder, step)
-    else:
-        from eval.recon import evaluate_vavae
+        return evaluate_dit(cfg, folder, step)
+    from eval.recon import evaluate_vavae
 
-        evaluate_vavae(cfg, folder, step)
+    return evaluate_vavae(cfg, folder, step)

@@ -84,7 +84,7 @@ def recon_metrics(real: torch.Tensor, fake: torch.Tensor, lpips: torch.nn.Module
     return {"psnr": psnr_uint8(real, fake), "ssim": ssim(a, b), "lpips": lpips_distance(lpips, a, b)}
 
 
-def evaluate_vavae(cfg: EvalConfig, folder: Path, step: int) -> None:
+def evaluate_vavae(cfg: EvalConfig, folder: Path, step: int) -> Path:
     """Reconstruct the first `num_samples` images of `images` over all ranks; write `<run>/eval/<name>/metrics.json`."""
     if not cfg.images:
         raise EvalInputError(
@@ -101,7 +101,7 @@ def evaluate_vavae(cfg: EvalConfig, folder: Path, step: int) -> None:
     name = f"{step_name(step)}_recon_{set_name(cfg.images)}_crop{cfg.image_size}_seed{cfg.seed}_n{n}"
     out_dir = cfg.run.dir / "eval" / name
     if already_done(out_dir):
-        return
+        return out_dir
     rank = dist.get_rank()
     run_cfg = export_run_config(folder)
     loss = run_cfg.loss if isinstance(run_cfg, TrainVAVAEConfig) else None
@@ -160,7 +160,7 @@ def evaluate_vavae(cfg: EvalConfig, folder: Path, step: int) -> None:
         run_rounds(rows, spec, compute, consume, bar)
     elapsed = time.perf_counter() - start
     if rank != 0:
-        return
+        return out_dir
     values = {k: np.concatenate(v) for k, v in per_image.items()}  # (n,) float64 each, in shard order
     metrics = {
         "rfid": frechet_distance(*stats["real"].mean_cov(), *stats["fake"].mean_cov()),
@@ -194,3 +194,4 @@ def evaluate_vavae(cfg: EvalConfig, folder: Path, step: int) -> None:
     print(
         f"eval {name}: {shown} ({n / max(elapsed, 1e-9):.1f} images/s)\n  → {out_dir / METRICS}", flush=True
     )
+    return out_dir

@@ -160,7 +160,7 @@ def reference_pool(
     return (torch.cat(feats) if dist.get_rank() == 0 else None), f"arr_0 ({n} images, pool features computed)"
 
 
-def evaluate_dit(cfg: EvalConfig, folder: Path, step: int) -> None:
+def evaluate_dit(cfg: EvalConfig, folder: Path, step: int) -> Path:
     """Sample `num_samples` images over all ranks and write `<run>/eval/<name>/metrics.json` (see module doc)."""
     ref_path = check_file(
         cfg.reference, "reference", "an ADM reference batch .npz or one written by ldit ref-stats"
@@ -168,7 +168,7 @@ def evaluate_dit(cfg: EvalConfig, folder: Path, step: int) -> None:
     name = eval_name(cfg, step, ref_path)
     out_dir = cfg.run.dir / "eval" / name
     if already_done(out_dir):
-        return
+        return out_dir
     try:
         ref = load_reference(ref_path)
     except ValueError as exc:
@@ -266,7 +266,7 @@ def evaluate_dit(cfg: EvalConfig, folder: Path, step: int) -> None:
         run_rounds(rows, spec, compute, consume, bar, images=lambda k: rows[k]["pool"])
     elapsed = time.perf_counter() - start
     if rank != 0:
-        return
+        return out_dir
 
     mu, sigma = pool_stats.mean_cov()
     pool_all = torch.cat(pools)
@@ -327,3 +327,4 @@ def evaluate_dit(cfg: EvalConfig, folder: Path, step: int) -> None:
     print(
         f"eval {name}: {shown} ({n / max(elapsed, 1e-9):.1f} images/s)\n  → {out_dir / METRICS}", flush=True
     )
+    return out_dir

@@ -26,6 +26,8 @@ from slurm.config import ConfigError, help_text, to_yaml
 from slurm.jobs import JOBS, Job
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+FROM_CONFIG = "<export.eval>"
+"""`--follow-eval` given without a file: the follower's eval config is the training config's `export.eval`."""
 EXIT_BROKEN_PIPE = 141
 """128 + SIGPIPE: the reader of stdout went away (`ldit … | head`); see :func:`console`."""
 
@@ -39,12 +41,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from data_prep.manifest import ShardSetError
     from eval.job import EvalInputError
     from models.weights import PretrainedWeightsError
+    from slurm.follow import FollowError
     from trainer.checkpoint import CheckpointViewError, CheckpointWriteError
     from trainer.common import NonFiniteLoss
     from trainer.export import InitFromError
 
     return (
         ConfigError,
+        FollowError,
         EvalInputError,
         ShardSetError,
         PretrainedWeightsError,
@@ -100,6 +104,30 @@ def _parser() -> argparse.ArgumentParser:
                 "--then-eval",
                 metavar="EVAL.yaml",
                 help="with --slurm: also submit `ldit eval EVAL.yaml` for this run, to start once training succeeded",
+            )
+            p.add_argument(
+                "--follow-eval",
+                nargs="?",
+                const=FROM_CONFIG,
+                metavar="EVAL.yaml",
+                help="evaluate the run's milestone exports (export.every, export.at, the last step) while it "
+                "trains: a follower `ldit eval EVAL.yaml --follow` beside training (--slurm: its own job of "
+                "--follow-nodes nodes, submitted now; else its own local process). Without a file: the config's "
+                "export.eval",
+            )
+            p.add_argument(
+                "--follow-nodes",
+                type=int,
+                default=1,
+                metavar="N",
+                help="with --slurm --follow-eval: nodes of the follower's job (default 1)",
+            )
+        if name == "eval":
+            p.add_argument(
+                "--follow",
+                action="store_true",
+                help="evaluate every milestone export of the run as it appears and keep eval/<settings>/curve.csv|png; "
+                "end after the last step's export (follow=true)",
             )
         if name == "sweep":
             p.add_argument("--nodes", metavar="N,N,…", help="node counts, one job each (nodes=[…])")
@@ -220,14 +248,74 @@ def _submit_eval_after(train_cfg: Any, eval_yaml: str, cluster: Any, train_job: 
     return EXIT_OK
 
 
-def _without_local(argv: Sequence[str]) -> list[str]:
+def _follower(train_cfg: Any, eval_yaml: str) -> tuple[list[str], list[str]]:
+    """Files and overrides of the follower `ldit eval EVAL.yaml --follow` of a training run, checked now."""
+    if eval_yaml == FROM_CONFIG:
+        eval_yaml = train_cfg.export.eval
+        if not eval_yaml:
+            raise ConfigError(
+                "--follow-eval names no eval config and the training config's export.eval is empty"
+            )
+    overrides = [f"run.name={train_cfg.run.name}", f"run.root={train_cfg.run.root}", "follow=true"]
+    try:
+        JOBS["eval"].load([eval_yaml], overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"the follower's eval config {eval_yaml}: {exc}") from None
+    return [eval_yaml], overrides
+
+
+def run_with_follower(train: Any, follower_cmd: Sequence[str]) -> int:
+    """Run the local training `train()` with the follower beside it (its own process group, one process).
+
+    Training never waits for it; when training succeeds, this waits for the follower to evaluate the last
+    export and returns its exit code; when training fails, the follower is stopped (SIGTERM to its group)."""
+    import signal
+
+    from slurm.env import child_env, free_port
+
+    follower = subprocess.Popen(follower_cmd, env=child_env(0, 1, free_port()), start_new_session=True)
+    try:
+        code = train()
+    finally:
+        if follower.poll() is None and sys.exc_info()[0] is not None:
+            os.killpg(follower.pid, signal.SIGTERM)
+    if code != EXIT_OK:
+        if follower.poll() is None:
+            os.killpg(follower.pid, signal.SIGTERM)
+            print(
+                f"ldit train: training failed (exit {code}); the eval follower was stopped", file=sys.stderr
+            )
+        follower.wait()
+        return code
+    rc = follower.wait()
+    if rc != EXIT_OK:
+        print(f"ldit train: training finished; the eval follower failed (exit {rc})", file=sys.stderr)
+    return rc
+
+
+def _submit_follower(train_cfg: Any, follower: tuple[list[str], list[str]], cluster: Any, nodes: int) -> None:
+    """Submit the eval follower of a training run as its own job of `nodes` nodes, with no dependency."""
+    from dataclasses import replace
+
+    from slurm.cluster import describe
+    from slurm.status import record_submission
+    from slurm.submit import submission_message, submit
+
+    own = replace(cluster, nodes=nodes)
+    sjob = submit(JOBS["eval"], *follower, own)
+    print(submission_message(sjob, own).replace("submitted", "submitted the eval follower:", 1), flush=True)
+    record_submission(train_cfg.run.dir, sjob.job_id, "eval", describe(own) + ", --follow", None)
+
+
+def _without(argv: Sequence[str], flag: str, takes_value: bool) -> list[str]:
+    """`argv` without `flag` (`--flag V`, `--flag=V`, or a bare `--flag` when it takes no value here)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--local":
-            skip = True
-        elif not a.startswith("--local="):
+        elif a == flag:
+            skip = takes_value
+        elif not a.startswith(flag + "="):
             out.append(a)
     return out
 
@@ -272,6 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if getattr(ns, "follow", False):
+        overrides.append("follow=true")
+    follow_eval = getattr(ns, "follow_eval", None)
     from trainer.preflight import PreflightError, check_train_config
 
     try:
@@ -293,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 world = detect().world_size
             check_train_config(cfg, world)
+            if follow_eval is not None:
+                follower = _follower(cfg, follow_eval)
+                if ns.follow_nodes < 1:
+                    raise ConfigError(f"--follow-nodes {ns.follow_nodes} must be positive")
     except (ConfigError, PreflightError) as exc:
         print(f"ldit {job.name}: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -309,14 +404,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             from slurm.status import record_submission
 
             record_submission(cfg.run.dir, sjob.job_id, job.name, describe(cluster), ns.after)
+        if follow_eval is not None:  # beside training, not after it: no dependency
+            _submit_follower(cfg, follower, cluster, ns.follow_nodes)
         if getattr(ns, "then_eval", None):
             return _submit_eval_after(cfg, ns.then_eval, cluster, sjob.job_id)
         return EXIT_OK
+    if follow_eval is not None:  # locally: training as below, the follower as its own process beside it
+        follower_cmd = [sys.executable, "-m", "slurm.cli", "eval", *follower[0], *follower[1]]
+        argv = _without(
+            _without(argv, "--follow-eval", ns.follow_eval != FROM_CONFIG), "--follow-nodes", True
+        )
+        if ns.local:
+            cmd = [sys.executable, "-m", "slurm.cli", *_without(argv, "--local", True)]
+            return run_with_follower(lambda: run_local(cmd, ns.local), follower_cmd)
+        return run_with_follower(lambda: run_here(job, cfg), follower_cmd)
     if ns.local:
         if ns.local < 1:
             print(f"ldit {job.name}: --local needs a positive process count, got {ns.local}", file=sys.stderr)
             return EXIT_USAGE
-        return run_local([sys.executable, "-m", "slurm.cli", *_without_local(argv)], ns.local)
+        return run_local([sys.executable, "-m", "slurm.cli", *_without(argv, "--local", True)], ns.local)
     return run_here(job, cfg)
 
 

@@ -245,7 +245,7 @@ JOBS: dict[str, Job] = {
             "eval",
             "sample + FID of a DiT run, or reconstruction metrics of a VA-VAE run",
             {"": EvalConfig},
-            "eval.job:run",
+            "slurm.follow:run",
         ),
         Job(
             "export",

@@ -101,6 +101,30 @@ class LogConfig:
 
 
 @dataclass
+class MilestoneExportConfig:
+    """Milestone exports of the EMA during training, and the evaluation that follows them (issue #16).
+
+    The trainer only writes `export/step-N` at these steps (a gather of the EMA and one file write, like a
+    checkpoint's); a follower job (`ldit eval EVAL.yaml run.name=… --follow`, or `ldit train … --follow-eval`)
+    evaluates each export in its own processes, so training never waits for an evaluation.
+    """
+
+    every: int = 0
+    """Export the EMA every this many steps (0: only at `at` and at the last step)."""
+    at: tuple[int, ...] = ()
+    """Further steps to export at (e.g. [1000, 5000] for an early look)."""
+    eval: str = ""
+    """Eval config (YAML) the follower evaluates the milestones with when `--follow-eval` names none; a cheap proxy
+    is the point, e.g. FID-10k with Euler on 50 points (configs/eval/fid10k_euler50.yaml)."""
+
+
+def milestone_steps(export: MilestoneExportConfig, steps: int) -> list[int]:
+    """The steps whose EMA a run exports: every `export.every`, the listed `export.at`, and the last step."""
+    every = set(range(export.every, steps + 1, export.every)) if export.every > 0 else set()
+    return sorted(every | {s for s in export.at if 0 < s <= steps} | {steps})
+
+
+@dataclass
 class TrainCommon:
     """Keys shared by DiT and VA-VAE runs."""
 
@@ -111,6 +135,7 @@ class TrainCommon:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    export: MilestoneExportConfig = field(default_factory=MilestoneExportConfig)
     steps: int = 80000
     """Optimizer steps to train (reference §3.2: 80k steps = 64 epochs at batch 1024)."""
     seed: int = 0
@@ -160,6 +185,11 @@ class TrainCommon:
             raise ValueError(f"micro_batch={self.micro_batch} must be 0 (no accumulation) or positive")
         if self.nonfinite_check_every <= 0:
             raise ValueError(f"nonfinite_check_every={self.nonfinite_check_every} must be positive")
+        if self.export.every < 0 or any(s <= 0 or s > self.steps for s in self.export.at):
+            raise ValueError(
+                f"export.every={self.export.every} must be >= 0 and every step of export.at={list(self.export.at)} "
+                f"in 1..steps={self.steps}"
+            )
         if self.heartbeat_s < 0:
             raise ValueError(f"heartbeat_s={self.heartbeat_s} must be 0 (off) or positive")
 

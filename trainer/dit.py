@@ -37,9 +37,9 @@ from trainer.common import (
     print0,
     topology,
 )
-from trainer.config import TrainDiTConfig
+from trainer.config import TrainDiTConfig, milestone_steps
 from trainer.engine import build_engine, deepspeed_config, grad_norm_next_step
-from trainer.export import export_weights
+from trainer.export import export_weights, exported
 from trainer.heartbeat import Heartbeat
 from trainer.preflight import open_training_shards
 from trainer.shard_guard import ShardGuard
@@ -147,6 +147,13 @@ def train(cfg: TrainDiTConfig) -> None:
     shards = ShardGuard(cfg.data, manifest, run_dir, reader.batches(step))  # reads a step ahead
     (bad_next,) = agree(shards.fetch()) if step < cfg.steps else (False,)  # the first step's batch
     heartbeat = Heartbeat(cfg.heartbeat_s, topo.rank)  # a lost or hung peer ends this rank (exit 76)
+    milestones = milestone_steps(cfg.export, cfg.steps)  # exports an eval follower evaluates (issue #16)
+
+    def export(at: int, again: bool = True) -> None:  # a collective: the EMA is gathered to rank 0
+        weights = ema.state_dict()
+        if topo.rank == 0 and (again or not exported(run_dir, at)):
+            export_weights(run_dir, at, LightningDiT(replace(args, grad_checkpointing=False)), weights, cfg)
+
     try:
         while step < cfg.steps:
             began = meter.begin()
@@ -204,14 +211,17 @@ def train(cfg: TrainDiTConfig) -> None:
                 sums.zero_()
                 meter.reset()
             sampling = bool(cfg.log.sample_every) and (step % cfg.log.sample_every == 0 or step == cfg.steps)
-            with heartbeat.paused():  # not steps: collective_timeout_s bounds saves and grids
+            exporting = step in milestones and step < cfg.steps  # the last step's export follows the loop
+            with heartbeat.paused():  # not steps: collective_timeout_s bounds saves, grids and exports
                 if saving:  # checkpoint
                     meta = {"samples_seen": step * topo.global_batch, "config": asdict(cfg), **topo.describe(),
                             "zero_stage": cfg.zero_stage, "kind": "dit", "model_args": asdict(args)}  # fmt: skip
                     ckpts.save(step, {"model": engine}, ema.state_dict, meta)
                 if sampling:  # samples
                     sample_grid(cfg, args, ema.state_dict(), manifest, step, run_dir, logger, topo.device)
-                if saving or sampling:  # the others must not count rank 0's grid against their next step
+                if exporting:  # a milestone (a requeued run that passes it again keeps the one written)
+                    export(step, again=False)
+                if saving or sampling or exporting:  # the others must not count rank 0 writing against a step
                     dist.barrier()
             if stopping:
                 raise StopRequested(f"stopped by signal {signals.received} at step {step}, checkpoint saved")
@@ -219,9 +229,7 @@ def train(cfg: TrainDiTConfig) -> None:
         heartbeat.stop()
         signals.restore()
         logger.close()
-    weights = ema.state_dict()  # a collective: gathered to rank 0, which writes it (None elsewhere)
-    if topo.rank == 0:
-        export_weights(run_dir, step, LightningDiT(replace(args, grad_checkpointing=False)), weights, cfg)
+    export(step)
     dist.barrier()
 
 

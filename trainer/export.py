@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from models.export import _ARGS, _args_from_json, save_export
+from models.export import _ARGS, META, _args_from_json, save_export
 from models.lightningdit import LightningDiT
 from models.vavae import VF_PROJECTION_KEY, AutoencoderKL
 from models.weights import read_state_dict
@@ -81,17 +82,24 @@ def export_weights(
     """Write export/step-N (strict key check against `model`) and point export/latest at it.
 
     `extras` (a VA-VAE's training extras, possibly empty) go to `training_extras.safetensors`; None
-    (a LightningDiT) writes no such file. `latest` moves only after every file is written.
+    (a LightningDiT) writes no such file. The folder is written as `export/.step-N.partial` and renamed, so
+    `export/step-N` exists only whole: an eval follower (slurm/follow.py) polling for it never reads a
+    half-written export. `latest` moves only after that.
     """
     from safetensors.torch import save_file
 
     model.load_state_dict(state_dict, strict=True, assign=True)  # the tensors themselves: no second copy
-    folder = save_export(Path(run_dir) / "export" / step_name(step), model)
-    (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    folder = Path(run_dir) / "export" / step_name(step)
+    partial = folder.with_name(f".{folder.name}.partial")
+    if partial.exists():  # left by a writer that died
+        shutil.rmtree(partial)
+    save_export(partial, model)
+    (partial / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     if extras is not None:
-        save_file(extras, str(folder / TRAINING_EXTRAS))
-    elif (folder / TRAINING_EXTRAS).exists():
-        (folder / TRAINING_EXTRAS).unlink()
+        save_file(extras, str(partial / TRAINING_EXTRAS))
+    if folder.exists():  # `ldit export` writing a step again
+        shutil.rmtree(folder)
+    os.rename(partial, folder)
     link = folder.parent / "latest"
     tmp = folder.parent / "latest.tmp"
     if tmp.is_symlink() or tmp.exists():
@@ -99,6 +107,11 @@ def export_weights(
     tmp.symlink_to(folder.name)
     os.replace(tmp, link)
     return folder
+
+
+def exported(run_dir: Path, step: int) -> bool:
+    """Whether `export/step-N` is written (whole: :func:`export_weights` renames it into place)."""
+    return (Path(run_dir) / "export" / step_name(step) / META).is_file()
 
 
 def checkpoint_extras(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:

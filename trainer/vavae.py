@@ -64,13 +64,14 @@ from trainer.common import (
     print0,
     topology,
 )
-from trainer.config import TrainVAVAEConfig
+from trainer.config import TrainVAVAEConfig, milestone_steps
 from trainer.engine import build_engine, deepspeed_config, grad_norm_next_step
 from trainer.export import (
     DISC_PREFIX,
     EXTRA_PARTS,
     TRAINING_EXTRAS,
     export_weights,
+    exported,
     training_extras,
 )
 from trainer.heartbeat import Heartbeat
@@ -177,6 +178,17 @@ def train(cfg: TrainVAVAEConfig) -> None:
     shards = ShardGuard(cfg.data, manifest, run_dir, reader.batches(step))  # reads a step ahead
     (bad_next,) = agree(shards.fetch()) if step < cfg.steps else (False,)  # the first step's batch
     heartbeat = Heartbeat(cfg.heartbeat_s, topo.rank)  # a lost or hung peer ends this rank (exit 76)
+    milestones = milestone_steps(cfg.export, cfg.steps)  # exports an eval follower evaluates (issue #16)
+
+    def export(at: int, again: bool = True) -> None:  # a collective: the EMA is gathered to rank 0
+        weights = ema.state_dict()
+        if topo.rank == 0 and (again or not exported(run_dir, at)):  # as `ldit export` writes it
+            extras = training_extras(
+                ae_engine.module.state_dict(), d_engine.module.state_dict(), trained_extras(cfg, at, loaded)
+            )
+            model = AutoencoderKL(replace(args, grad_checkpointing=False))
+            export_weights(run_dir, at, model, weights, cfg, extras)
+
     try:
         while step < cfg.steps:
             began = meter.begin()
@@ -241,7 +253,8 @@ def train(cfg: TrainVAVAEConfig) -> None:
                 sums = {}
                 meter.reset()
             sampling = bool(cfg.log.sample_every) and (step % cfg.log.sample_every == 0 or step == cfg.steps)
-            with heartbeat.paused():  # not steps: collective_timeout_s bounds saves and grids
+            exporting = step in milestones and step < cfg.steps  # the last step's export follows the loop
+            with heartbeat.paused():  # not steps: collective_timeout_s bounds saves, grids and exports
                 if saving:  # checkpoint
                     meta = {"samples_seen": step * topo.global_batch, "config": asdict(cfg), **topo.describe(),
                             "zero_stage": cfg.zero_stage, "kind": "vavae", "model_args": asdict(args),
@@ -249,7 +262,9 @@ def train(cfg: TrainVAVAEConfig) -> None:
                     ckpts.save(step, engines, ema.state_dict, meta)
                 if sampling:  # samples
                     reconstruction_grid(x[sl], xrec, step, run_dir, logger)
-                if saving or sampling:  # the others must not count rank 0's grid against their next step
+                if exporting:  # a milestone (a requeued run that passes it again keeps the one written)
+                    export(step, again=False)
+                if saving or sampling or exporting:  # the others must not count rank 0 writing against a step
                     dist.barrier()
             if stopping:
                 raise StopRequested(f"stopped by signal {signals.received} at step {step}, checkpoint saved")
@@ -257,13 +272,7 @@ def train(cfg: TrainVAVAEConfig) -> None:
         heartbeat.stop()
         signals.restore()
         logger.close()
-    weights = ema.state_dict()  # a collective: gathered to rank 0, which writes it (None elsewhere)
-    if topo.rank == 0:  # the same folder `ldit export` writes from the last checkpoint
-        extras = training_extras(
-            ae_engine.module.state_dict(), d_engine.module.state_dict(), trained_extras(cfg, step, loaded)
-        )
-        model = AutoencoderKL(replace(args, grad_checkpointing=False))
-        export_weights(run_dir, step, model, weights, cfg, extras)
+    export(step)
     dist.barrier()
 
 
