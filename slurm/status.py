@@ -1,6 +1,8 @@
-"""`ldit status <run dir>`: a run's checkpoints, last logged step (and how long ago), export, and its SLURM
-jobs with their states (from accounting, `sacct`; a pending job also shows squeue's reason, e.g. a
-dependency that can never be satisfied because the job it waits for failed).
+"""`ldit status <run dir>`: a run's checkpoints, last logged step (and how long ago), export, evaluations
+and their curves (issue #16: one line per point of each `eval/<settings>/curve.csv` the eval follower
+writes; an evaluation that is a point of a curve is shown there only), and its SLURM jobs with their
+states (from accounting, `sacct`; a pending job also shows squeue's reason, e.g. a dependency that can
+never be satisfied because the job it waits for failed).
 
 A run whose job SLURM reports RUNNING but which has logged nothing for longer than :func:`stall_bound_s`
 (10 × its usual time between log lines, at least 45 s) is flagged as stalled (issue #20): a hung rank
@@ -17,6 +19,7 @@ Jobs are known from `<run>/slurm/jobs.jsonl`, which `ldit … --slurm` appends t
 
 from __future__ import annotations
 
+import csv
 import datetime
 import json
 import os
@@ -165,13 +168,39 @@ def started(job_ids: list[str]) -> dict[str, float]:
     return starts
 
 
+CURVE_AXES = ("step", "epochs", "samples_seen")
+"""The columns of a curve.csv before its metrics (slurm/follow.py `write_curve`)."""
+
+
+def read_curve(path: Path) -> dict[str, Any]:
+    """An eval follower's `eval/<settings>/curve.csv` (slurm/follow.py): its settings, columns and rows,
+    each value a number (`step` and `samples_seen` ints) or None where the cell is empty."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [
+            {
+                k: None if v == "" else int(v) if k in ("step", "samples_seen") else float(v)
+                for k, v in r.items()
+            }
+            for r in reader
+        ]
+    return {"settings": path.parent.name, "columns": list(reader.fieldnames or []), "rows": rows}
+
+
+def _number(v: Any) -> str:
+    """A metric value as status shows it: 4 significant digits; a non-finite value or a note as it is."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def run_status(run_dir: Path) -> dict[str, Any]:
     """What `ldit status` and `ldit inspect run` show of one run directory, as a JSON-ready dict.
 
     Keys: `run`; `checkpoints` (newest first: name, latest, complete, problems); `last_log` (step and
     the `loss/*` scalars of the last line of log.jsonl, `age_s` since the file was last written and
     `interval_s`, the usual time between its lines; or None); `export` (where export/latest points,
-    or None); `evals` (name and metrics of every eval/*/metrics.json); `jobs` (the SLURM jobs recorded
+    or None); `evals` (name and the `metrics` of every eval/*/metrics.json); `curves` (each
+    eval/<settings>/curve.csv the eval follower writes: `settings`, `columns` and `rows`, each a dict of
+    the columns, numbers or None, by step; :func:`read_curve`); `jobs` (the SLURM jobs recorded
     in slurm/jobs.jsonl with their states, or None when none were submitted with --slurm); `stall`
     (None, or `silent_s` and `bound_s` when a job is RUNNING and the log has been silent past the bound);
     `failures` (slurm/failures.jsonl: each failed attempt with its reason and action, oldest first).
@@ -199,9 +228,10 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         }
     link = run_dir / "export" / "latest"
     evals = [
-        {"name": m.parent.name, "metrics": json.loads(m.read_text())}
+        {"name": m.parent.name, "metrics": json.loads(m.read_text())["metrics"]}
         for m in sorted((run_dir / "eval").glob("*/metrics.json"))
     ]
+    curves = [read_curve(c) for c in sorted((run_dir / "eval").glob("*/curve.csv"))]
     jobs = read_jsonl(run_dir / JOBS_FILE) or None
     if jobs:
         states = slurm_states([j["job_id"] for j in jobs])
@@ -221,6 +251,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "last_log": last_log,
         "export": os.readlink(link) if link.is_symlink() else None,
         "evals": evals,
+        "curves": curves,
         "jobs": jobs,
         "stall": stall,
         "failures": failures,
@@ -229,6 +260,8 @@ def run_status(run_dir: Path) -> dict[str, Any]:
 
 def render_status(status: dict[str, Any]) -> str:
     """The text of :func:`run_status`'s dict, as `ldit status` prints it."""
+    from trainer.checkpoint import step_name
+
     lines = [f"run {status['run']}"]
     if status["checkpoints"]:
         parts = []
@@ -250,9 +283,21 @@ def render_status(status: dict[str, Any]) -> str:
         )
     if status["export"] is not None:
         lines.append(f"  export: export/latest -> {status['export']}")
-    for e in status["evals"]:
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in e["metrics"].items() if isinstance(v, float))
-        lines.append(f"  eval {e['name']}: {shown}")
+    curves = status.get("curves") or []
+    in_curve = {f"{step_name(r['step'])}_{c['settings']}" for c in curves for r in c["rows"]}
+    for e in status["evals"]:  # a point of a curve is shown with its curve, below
+        if e["name"] not in in_curve:
+            lines.append(
+                f"  eval {e['name']}: " + ", ".join(f"{k} {_number(v)}" for k, v in e["metrics"].items())
+            )
+    for c in curves:
+        lines.append(f"  curve {c['settings']} ({len(c['rows'])} points, eval/{c['settings']}/curve.csv):")
+        for r in c["rows"]:
+            epochs = f" ({r['epochs']:.3g} epochs)" if r.get("epochs") is not None else ""
+            shown = ", ".join(
+                f"{k} {_number(r[k])}" for k in c["columns"] if k not in CURVE_AXES and r[k] is not None
+            )
+            lines.append(f"    step {r['step']}{epochs}: {shown}")
     if status["jobs"] is not None:
         lines.append("  SLURM jobs:")
         for j in status["jobs"]:
