@@ -88,15 +88,28 @@ class EvalConfig:
     keep `eval/<settings>/curve.csv|png` up to date, and end after the last step's export (slurm/follow.py)."""
     follow_poll_s: float = 30.0
     """Follow: seconds between looks for new exports."""
+    follow_until: int = 0
+    """Follow: end only once the export of at least this step is evaluated. `ldit train --follow-eval` sets the
+    training's `steps`: a follower that starts before a run extended to more steps has rewritten its config.yaml
+    must not end at the old last step. 0: the run's config.yaml alone says."""
+    follow_settle_s: float = 60.0
+    """Follow: how long SLURM must report the run's training jobs ended, with the next export still missing,
+    before the follower fails (a shared filesystem may show the last export some seconds after the job ends)."""
     follow_timeout_s: float = 0.0
     """Follow: give up after this many seconds without a new export while it cannot tell that training is still
     running (no SLURM job of the run is pending or running); 0: wait as long as training may still export."""
 
     def validate(self) -> None:
         """Rules that need neither the export nor the world size (those are checked when the job starts)."""
-        if self.follow_poll_s <= 0 or self.follow_timeout_s < 0:
+        if (
+            self.follow_poll_s <= 0
+            or self.follow_timeout_s < 0
+            or self.follow_settle_s < 0
+            or self.follow_until < 0
+        ):
             raise ValueError(
-                f"follow_poll_s={self.follow_poll_s} must be positive and follow_timeout_s={self.follow_timeout_s} >= 0"
+                f"follow_poll_s={self.follow_poll_s} must be positive; follow_timeout_s={self.follow_timeout_s}, "
+                f"follow_settle_s={self.follow_settle_s} and follow_until={self.follow_until} >= 0"
             )
         if self.batch_size <= 0:
             raise ValueError(f"batch_size={self.batch_size} must be positive")

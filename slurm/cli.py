@@ -21,13 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from slurm import companions
 from slurm import inspect as inspect_cmd
 from slurm.config import ConfigError, help_text, to_yaml
 from slurm.jobs import JOBS, Job
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-FROM_CONFIG = "<export.eval>"
-"""`--follow-eval` given without a file: the follower's eval config is the training config's `export.eval`."""
 EXIT_BROKEN_PIPE = 141
 """128 + SIGPIPE: the reader of stdout went away (`ldit … | head`); see :func:`console`."""
 
@@ -108,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--follow-eval",
                 nargs="?",
-                const=FROM_CONFIG,
+                const=companions.FROM_CONFIG,
                 metavar="EVAL.yaml",
                 help="evaluate the run's milestone exports (export.every, export.at, the last step) while it "
                 "trains: a follower `ldit eval EVAL.yaml --follow` beside training (--slurm: its own job of "
@@ -136,6 +135,10 @@ def _parser() -> argparse.ArgumentParser:
     # Not a job: sub-commands with their own flags, no config schema, no process group (slurm/inspect.py).
     summary = inspect_cmd.SUMMARY
     inspect_cmd.configure(sub.add_parser("inspect", help=summary, description=f"ldit inspect: {summary}."))
+    from slurm import plan as plan_cmd  # before spending: memory and time per node count (slurm/plan.py)
+
+    summary = plan_cmd.SUMMARY
+    plan_cmd.configure(sub.add_parser("plan", help=summary, description=f"ldit plan: {summary}."))
     return parser
 
 
@@ -226,87 +229,6 @@ def run_local(cmd: Sequence[str], n: int) -> int:
     return code
 
 
-def _submit_eval_after(train_cfg: Any, eval_yaml: str, cluster: Any, train_job: str) -> int:
-    """Submit `ldit eval EVAL.yaml` for the training run, with an afterok dependency on its job."""
-    from slurm.cluster import describe
-    from slurm.status import record_submission
-    from slurm.submit import submission_message, submit
-
-    job = JOBS["eval"]
-    overrides = [f"run.name={train_cfg.run.name}", f"run.root={train_cfg.run.root}"]
-    try:
-        job.load([eval_yaml], overrides)
-    except ConfigError as exc:
-        print(
-            f"ldit eval (--then-eval): config error: {exc}; the training job {train_job} is submitted",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    sjob = submit(job, [eval_yaml], overrides, cluster, after=train_job)
-    print(submission_message(sjob, cluster, train_job), flush=True)
-    record_submission(train_cfg.run.dir, sjob.job_id, "eval", describe(cluster), train_job)
-    return EXIT_OK
-
-
-def _follower(train_cfg: Any, eval_yaml: str) -> tuple[list[str], list[str]]:
-    """Files and overrides of the follower `ldit eval EVAL.yaml --follow` of a training run, checked now."""
-    if eval_yaml == FROM_CONFIG:
-        eval_yaml = train_cfg.export.eval
-        if not eval_yaml:
-            raise ConfigError(
-                "--follow-eval names no eval config and the training config's export.eval is empty"
-            )
-    overrides = [f"run.name={train_cfg.run.name}", f"run.root={train_cfg.run.root}", "follow=true"]
-    try:
-        JOBS["eval"].load([eval_yaml], overrides)
-    except ConfigError as exc:
-        raise ConfigError(f"the follower's eval config {eval_yaml}: {exc}") from None
-    return [eval_yaml], overrides
-
-
-def run_with_follower(train: Any, follower_cmd: Sequence[str]) -> int:
-    """Run the local training `train()` with the follower beside it (its own process group, one process).
-
-    Training never waits for it; when training succeeds, this waits for the follower to evaluate the last
-    export and returns its exit code; when training fails, the follower is stopped (SIGTERM to its group)."""
-    import signal
-
-    from slurm.env import child_env, free_port
-
-    follower = subprocess.Popen(follower_cmd, env=child_env(0, 1, free_port()), start_new_session=True)
-    try:
-        code = train()
-    finally:
-        if follower.poll() is None and sys.exc_info()[0] is not None:
-            os.killpg(follower.pid, signal.SIGTERM)
-    if code != EXIT_OK:
-        if follower.poll() is None:
-            os.killpg(follower.pid, signal.SIGTERM)
-            print(
-                f"ldit train: training failed (exit {code}); the eval follower was stopped", file=sys.stderr
-            )
-        follower.wait()
-        return code
-    rc = follower.wait()
-    if rc != EXIT_OK:
-        print(f"ldit train: training finished; the eval follower failed (exit {rc})", file=sys.stderr)
-    return rc
-
-
-def _submit_follower(train_cfg: Any, follower: tuple[list[str], list[str]], cluster: Any, nodes: int) -> None:
-    """Submit the eval follower of a training run as its own job of `nodes` nodes, with no dependency."""
-    from dataclasses import replace
-
-    from slurm.cluster import describe
-    from slurm.status import record_submission
-    from slurm.submit import submission_message, submit
-
-    own = replace(cluster, nodes=nodes)
-    sjob = submit(JOBS["eval"], *follower, own)
-    print(submission_message(sjob, own).replace("submitted", "submitted the eval follower:", 1), flush=True)
-    record_submission(train_cfg.run.dir, sjob.job_id, "eval", describe(own) + ", --follow", None)
-
-
 def _without(argv: Sequence[str], flag: str, takes_value: bool) -> list[str]:
     """`argv` without `flag` (`--flag V`, `--flag=V`, or a bare `--flag` when it takes no value here)."""
     out, skip = [], False
@@ -337,6 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["inspect"]:
         return inspect_cmd.main(argv[1:])
+    if argv[:1] == ["plan"]:
+        from slurm import plan as plan_cmd
+
+        return plan_cmd.main(argv[1:])
     parser = _parser()
     # Config files and overrides may also follow the options (`--slurm --cluster c.yaml cluster.nodes=4`).
     ns, extra = parser.parse_known_args(argv)
@@ -385,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 world = detect().world_size
             check_train_config(cfg, world)
             if follow_eval is not None:
-                follower = _follower(cfg, follow_eval)
+                follower = companions.follower_args(cfg, follow_eval)
                 if ns.follow_nodes < 1:
                     raise ConfigError(f"--follow-nodes {ns.follow_nodes} must be positive")
     except (ConfigError, PreflightError) as exc:
@@ -405,19 +331,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             record_submission(cfg.run.dir, sjob.job_id, job.name, describe(cluster), ns.after)
         if follow_eval is not None:  # beside training, not after it: no dependency
-            _submit_follower(cfg, follower, cluster, ns.follow_nodes)
+            companions.submit_follower(cfg, follower, cluster, ns.follow_nodes, sjob.job_id)
         if getattr(ns, "then_eval", None):
-            return _submit_eval_after(cfg, ns.then_eval, cluster, sjob.job_id)
+            return companions.submit_eval_after(cfg, ns.then_eval, cluster, sjob.job_id)
         return EXIT_OK
     if follow_eval is not None:  # locally: training as below, the follower as its own process beside it
         follower_cmd = [sys.executable, "-m", "slurm.cli", "eval", *follower[0], *follower[1]]
         argv = _without(
-            _without(argv, "--follow-eval", ns.follow_eval != FROM_CONFIG), "--follow-nodes", True
+            _without(argv, "--follow-eval", ns.follow_eval != companions.FROM_CONFIG), "--follow-nodes", True
         )
         if ns.local:
             cmd = [sys.executable, "-m", "slurm.cli", *_without(argv, "--local", True)]
-            return run_with_follower(lambda: run_local(cmd, ns.local), follower_cmd)
-        return run_with_follower(lambda: run_here(job, cfg), follower_cmd)
+            return companions.run_with_follower(lambda: run_local(cmd, ns.local), follower_cmd)
+        return companions.run_with_follower(lambda: run_here(job, cfg), follower_cmd)
     if ns.local:
         if ns.local < 1:
             print(f"ldit {job.name}: --local needs a positive process count, got {ns.local}", file=sys.stderr)

@@ -107,6 +107,32 @@ class ClusterConfig:
     """Any other sbatch options, as {option: value} (e.g. {exclude: "node7", exclusive: true}); written
     as `#SBATCH --option=value`."""
 
+    # The figures `ldit plan` predicts memory and time from (slurm/plan.py, trainer/plan_model.py). Unset: a
+    # plan names the missing key. Measure them on the cluster: datasheet numbers overestimate.
+    gpu_memory_gib: float | None = None
+    """Memory of one GPU, GiB: `nvidia-smi --query-gpu=memory.total --format=csv` (MiB / 1024; an 80 GB H100
+    shows 81,559 MiB = 79.6 GiB). On a CPU cluster, the memory one task may use."""
+    peak_tflops: float | None = None
+    """Peak dense bf16 TFLOP/s of one GPU as measured, not the datasheet's: the "measured bf16 matmul peak" line of
+    `python benchmarks/bench_gpu.py` (back-to-back 8192² bf16 matmuls; an H100 SXM measures about 800 of the
+    989 on paper). On a CPU cluster, the fp32 TFLOP/s of one task's cores (a large `torch.mm`)."""
+    mfu: float | None = None
+    """Model FLOP utilisation of a step's compute, 0-1 (`ldit plan --mfu` overrides it): a micro-batch's
+    forward + backward (+ recompute) takes its FLOPs / (peak_tflops · mfu). Measure it on one GPU, where
+    nothing is communicated: the MFU column of `python benchmarks/bench_gpu.py` at your micro batch (that MFU
+    counts forward + backward only; with checkpointing multiply it by (fwd + bwd + recompute) / (fwd + bwd),
+    about 4/3)."""
+    intra_node_gbs: float | None = None
+    """All-reduce bus bandwidth within one node, GB/s: `busbw` of nccl-tests' `all_reduce_perf -b 1G -e 1G
+    -g <gpus_per_node>` on one node (on 8 NVLink-4 H100s about 360-480)."""
+    inter_node_gbs: float | None = None
+    """All-reduce bus bandwidth across nodes, GB/s: `busbw` of the same test over 2 nodes (`srun -N 2
+    --ntasks-per-node=<gpus_per_node> all_reduce_perf -b 1G -e 1G -g 1`). The NICs bound it: a 400 Gb/s NIC
+    per GPU is 50 GB/s of line rate, one such NIC for a node of 8 GPUs 6.25."""
+    latency_us: float | None = None
+    """Latency of one step of a ring collective, µs: the time of `all_reduce_perf -b 8 -e 8` over 2 nodes
+    divided by 2·(ranks − 1)."""
+
     @property
     def tasks(self) -> int:
         """Tasks per node: one per GPU, else the file's tasks_per_node, else 1."""
@@ -125,6 +151,12 @@ class ClusterConfig:
                 raise ValueError(f"{name} must be at least 1 (or unset), got {value}")
         if self.gpus_per_node < 0:
             raise ValueError(f"gpus_per_node must be 0 (CPU cluster) or more, got {self.gpus_per_node}")
+        for name in ("gpu_memory_gib", "peak_tflops", "intra_node_gbs", "inter_node_gbs", "latency_us"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive (or unset), got {value}")
+        if self.mfu is not None and not 0 < self.mfu <= 1:
+            raise ValueError(f"mfu must be in (0, 1] (or unset), got {self.mfu}")
         for name in ("max_requeues", "max_failures", "regrow_wait_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
@@ -165,11 +197,13 @@ def load_cluster(files: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
 
 
 def sbatch_parameters(
-    cluster: ClusterConfig, job_name: str = "ldit", after: str | None = None
+    cluster: ClusterConfig, job_name: str = "ldit", after: str | None = None, started_with: str | None = None
 ) -> dict[str, Any]:
     """The parameters of submitit's `SlurmExecutor.update_parameters` for a job on `cluster`.
 
-    `after` is a job id this job waits for and needs to succeed (`--dependency=afterok:<after>`).
+    `after` is a job id this job waits for and needs to succeed (`--dependency=afterok:<after>`);
+    `started_with` one it waits to have started (`after:<id>`: an eval follower does not hold a node while
+    its training job is still queued).
     Only what the cluster file sets is passed, so the partition's defaults apply to the rest.
     """
     params: dict[str, Any] = {
@@ -186,7 +220,10 @@ def sbatch_parameters(
         "cpus_per_task": cluster.cpus_per_task,
         "constraint": cluster.constraint,
         "mem": None if cluster.mem_gb is None else f"{cluster.mem_gb}GB",
-        "dependency": None if after is None else f"afterok:{after}",
+        "dependency": ",".join(
+            ([f"afterok:{after}"] if after else []) + ([f"after:{started_with}"] if started_with else [])
+        )
+        or None,
     }
     params.update({k: v for k, v in optional.items() if v is not None})
     if cluster.gpus_per_node > 0:
@@ -205,7 +242,9 @@ def sbatch_parameters(
     return params
 
 
-def make_executor(cluster: ClusterConfig, job_name: str = "ldit", after: str | None = None) -> Any:
+def make_executor(
+    cluster: ClusterConfig, job_name: str = "ldit", after: str | None = None, started_with: str | None = None
+) -> Any:
     """A `submitit.SlurmExecutor` for one job on `cluster` (needs `srun`, i.e. a SLURM client).
 
     Jobs that reach their time limit are requeued at most `cluster.max_requeues` times.
@@ -213,7 +252,7 @@ def make_executor(cluster: ClusterConfig, job_name: str = "ldit", after: str | N
     import submitit
 
     executor = submitit.SlurmExecutor(folder=cluster.folder, max_num_timeout=cluster.max_requeues)
-    executor.update_parameters(**sbatch_parameters(cluster, job_name, after))
+    executor.update_parameters(**sbatch_parameters(cluster, job_name, after, started_with))
     return executor
 
 

@@ -193,7 +193,9 @@ def help_text(schema: type, width: int = 100) -> str:
     for key, tp, default, doc in describe(schema):
         shown = "??? (required)" if default == "???" else repr(default)
         lines.append(f"  {key} ({tp}) = {shown}")
-        for para in doc.splitlines() or [""]:
-            if para:
-                lines += textwrap.wrap(para, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        for para in doc.split("\n\n"):  # a docstring's lines are re-flowed: its line breaks are the source's
+            if para.strip():
+                lines += textwrap.wrap(
+                    " ".join(para.split()), width, initial_indent=" " * 6, subsequent_indent=" " * 6
+                )
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -83,7 +84,10 @@ def training_alive(run_dir: Path) -> bool | None:
     ids = [j["job_id"] for j in read_jsonl(run_dir / JOBS_FILE) if j["job"] == "train"]
     if not ids:
         return None
-    states = slurm_states(ids)
+    try:
+        states = slurm_states(ids)
+    except (OSError, subprocess.SubprocessError):  # a slow or restarting controller: ask again next poll
+        return None
     if all(s.startswith("unknown") for s in states.values()):
         return None
     return any(s.split()[0].startswith(ACTIVE) for s in states.values())
@@ -185,13 +189,14 @@ def follow(cfg: EvalConfig, evaluate: Callable[[int], Path] | None = None) -> Pa
     run_dir = cfg.run.dir
     done: dict[int, Path] = {}
     curve: Path | None = None
-    waiting_for, last_news = None, time.monotonic()
+    waiting_for, last_news, ended_at = None, time.monotonic(), None
     while True:
         news: list[Any] = [None]
-        if dist.get_rank() == 0:
+        if dist.get_rank() == 0:  # whether training may go on, then what is there: an export renamed into
+            alive = training_alive(run_dir)  # place before its job ended is seen on this same look
             plan = training_plan(run_dir)
             ready = [s for s in plan.milestones if s not in done and exported(run_dir, s)] if plan else []
-            news = [(plan, ready, None if ready else training_alive(run_dir))]
+            news = [(plan, ready, alive)]
         dist.broadcast_object_list(news, src=0)
         plan, ready, alive = news[0]
         for step in ready:
@@ -202,7 +207,7 @@ def follow(cfg: EvalConfig, evaluate: Callable[[int], Path] | None = None) -> Pa
                 print(f"follow: {len(done)} of {len(plan.milestones)} milestones of {cfg.run.name} evaluated; "
                       f"curve {curve / CURVE_CSV}", flush=True)  # fmt: skip
             last_news = time.monotonic()
-        if plan is not None and plan.last in done:
+        if plan is not None and plan.last in done and plan.last >= cfg.follow_until:
             _print0(
                 f"follow: done: the last export (step {plan.last}) is evaluated; curve {curve or '(rank 0)'}"
             )
@@ -210,8 +215,14 @@ def follow(cfg: EvalConfig, evaluate: Callable[[int], Path] | None = None) -> Pa
         if ready:
             continue
         target = next((s for s in plan.milestones if s not in done), None) if plan else None
-        where = f"export {step_name(target)}" if target is not None else "the run's config.yaml"
-        if alive is False:
+        if target is not None:
+            where = f"export {step_name(target)}"
+        elif plan is None:
+            where = "the run's config.yaml"
+        else:  # an extended run whose training has not rewritten config.yaml yet
+            where = f"the run's config.yaml to reach step {cfg.follow_until} (it ends at step {plan.last})"
+        ended_at = (ended_at or time.monotonic()) if alive is False else None
+        if ended_at is not None and time.monotonic() - ended_at >= cfg.follow_settle_s:
             evaluated = ", ".join(str(s) for s in sorted(done)) or "none"
             raise FollowError(
                 f"training of {run_dir} is no longer pending or running (its SLURM jobs: {JOBS_FILE}) and "
@@ -225,6 +236,7 @@ def follow(cfg: EvalConfig, evaluate: Callable[[int], Path] | None = None) -> Pa
         if where != waiting_for:
             state = {
                 True: "training is pending or running",
+                False: f"training has ended; giving it follow_settle_s={cfg.follow_settle_s:g} s",
                 None: "training state unknown (no SLURM record)",
             }[alive]
             _print0(

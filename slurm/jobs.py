@@ -22,6 +22,7 @@ from trainer.config import (
     DiTModelConfig,
     ExportConfig,
     LogConfig,
+    MilestoneExportConfig,
     OptimConfig,
     RunConfig,
     StreamConfig,
@@ -84,13 +85,15 @@ def demo_vavae() -> TrainVAVAEConfig:
 
 def demo_dit() -> TrainDiTConfig:
     """The demo's LightningDiT run on the digits' 4x4x4 latents, fp32; EMA decay 0.995 so that a run of a few
-    thousand steps forgets its start (0.9999 would still hold most of its initial weights)."""
+    thousand steps forgets its start (0.9999 would still hold most of its initial weights). Its EMA is
+    exported every 1,000 steps, and the demo's eval follower measures each export (slurm/demo_follow.py)."""
     return TrainDiTConfig(
         run=RunConfig(name="dit", root=""),
         data=StreamConfig(shards="", global_batch=128, streams=8, workers=0),
         optim=OptimConfig(lr=1e-3, betas=(0.9, 0.95), warmup_steps=50),
         ckpt=CheckpointConfig(every=500, keep_last=1),
         log=LogConfig(every=100, sample_every=500),
+        export=MilestoneExportConfig(every=1000),
         steps=4000,
         precision="fp32",
         model=DiTModelConfig(size="T/1"),

@@ -118,17 +118,19 @@ def submit(
     overrides: Sequence[str],
     cluster: ClusterConfig,
     after: str | None = None,
+    started_with: str | None = None,
 ) -> submitit.Job:
     """Submit `ldit <job> <files> <overrides>` to the cluster; returns submitit's job handle.
 
     With `after`, the job starts only once job `after` has completed successfully (`afterok`); if
-    that job fails, this one stays pending with reason DependencyNeverSatisfied and never runs.
+    that job fails, this one stays pending with reason DependencyNeverSatisfied and never runs. With
+    `started_with`, it starts once that job has started (an eval follower beside its training job).
     The job's name is `ldit-<job>`.
     """
     if after is not None:
         check_job_id(after)
     paths = [str(Path(f).resolve()) for f in files]  # the job may start in another working directory
-    executor = make_executor(cluster, job_name=f"ldit-{job.name}", after=after)
+    executor = make_executor(cluster, job_name=f"ldit-{job.name}", after=after, started_with=started_with)
     with submitit.helpers.clean_env():
         return executor.submit(JobTask(cluster), job, paths, list(overrides))
 

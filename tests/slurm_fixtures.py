@@ -1,8 +1,9 @@
-"""What the SLURM tests share (tests/test_slurm.py, tests/test_slurm_requeue.py): the test cluster's config,
-a job registered for these tests only, the cluster check, and waiting for a job's final state."""
+"""What the SLURM tests share (tests/test_slurm*.py): the test cluster's config, a job registered for these
+tests only, the cluster check, waiting for a job's final state, and its start and end from accounting."""
 
 from __future__ import annotations
 
+import datetime
 import subprocess
 import time
 from pathlib import Path
@@ -62,6 +63,16 @@ def wait(job: submitit.Job, timeout_s: float) -> str:
             pytest.fail(f"job {job.job_id} not done after {timeout_s} s (state {state})\n{logs(job)}")
         time.sleep(1)
     return state
+
+
+def sacct_times(*job_ids: str) -> dict[str, tuple[datetime.datetime, datetime.datetime]]:
+    """(Start, End) of each job from accounting (one-second resolution)."""
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-o", "JobIDRaw,Start,End", "-j", ",".join(job_ids)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rows = [line.split("|") for line in out.splitlines() if line]
+    return {j: (datetime.datetime.fromisoformat(s), datetime.datetime.fromisoformat(e)) for j, s, e in rows}
 
 
 def squeue(job_id: str) -> str:

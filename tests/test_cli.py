@@ -184,3 +184,60 @@ def test_status_flags_a_running_job_whose_log_went_silent():
         "between log lines, at least 45 s); a rank may be hung: see the job's logs",
     ]
     assert "STALLED" not in render_status({**status, "stall": None})
+
+
+def test_status_shows_each_point_of_a_curve_and_the_other_evals(tmp_path, capsys):
+    """Issue #16: `ldit status` shows one line per point of each eval/<settings>/curve.csv (written here by
+    the follower's own writer) and the metrics of every evaluation that is not a point of a curve."""
+    import json
+
+    from slurm.follow import TrainingPlan, write_curve
+    from slurm.status import run_status
+
+    run, settings = tmp_path / "r", "recon_held_crop32_seed0_n6"
+    points = {
+        4: {"rfid": 41.27, "psnr": 10.5, "ssim": 0.0123, "lpips": 0.5},
+        # a non-finite value is a string in metrics.json ("nan", "inf"); a curve cell holds its repr
+        8: {"rfid": 30.0, "psnr": 11.25, "ssim": 0.02, "lpips": "nan"},
+        12: {"rfid": 22.125, "psnr": 12.0, "ssim": 0.03125, "lpips": 0.375},
+    }
+    for step, metrics in [*points.items(), (12, {"fid": 3.25, "precision": None, "sfid": "inf"})]:
+        name = f"step-{step:08d}_{settings if 'rfid' in metrics else 'euler4_nocfg_n8_ref'}"
+        (run / "eval" / name).mkdir(parents=True)
+        doc = {"format": 1, "name": name, "metrics": metrics, "export": {"step": step}}
+        (run / "eval" / name / "metrics.json").write_text(json.dumps(doc))
+    write_curve(run, settings, TrainingPlan((4, 8, 12), 16, 96))
+    assert main(["status", str(run)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"run {run}",
+        "  checkpoints: none",
+        "  eval step-00000012_euler4_nocfg_n8_ref: fid 3.25, precision None, sfid inf",
+        f"  curve {settings} (3 points, eval/{settings}/curve.csv):",
+        "    step 4 (0.667 epochs): lpips 0.5, psnr 10.5, rfid 41.27, ssim 0.0123",
+        "    step 8 (1.33 epochs): lpips nan, psnr 11.25, rfid 30, ssim 0.02",
+        "    step 12 (2 epochs): lpips 0.375, psnr 12, rfid 22.12, ssim 0.03125",
+        "  SLURM jobs: none submitted with --slurm",
+    ]
+    status = run_status(run)  # `ldit inspect run --json`
+    assert [e["metrics"] for e in status["evals"]] == [*points.values()][:2] + [
+        {"fid": 3.25, "precision": None, "sfid": "inf"}, points[12]
+    ]  # fmt: skip
+    (curve,) = status["curves"]
+    assert curve["columns"] == ["step", "epochs", "samples_seen", "lpips", "psnr", "rfid", "ssim"]
+    assert curve["rows"][0] == {"step": 4, "epochs": 4 * 16 / 96, "samples_seen": 64, **points[4]}
+    assert [r["step"] for r in curve["rows"]] == [4, 8, 12] and json.loads(json.dumps(status))["curves"]
+
+
+def test_follow_eval_under_a_launcher_starts_the_follower_on_rank_0_only(tmp_path, monkeypatch):
+    """`srun ldit train … --follow-eval` (or torchrun) runs `ldit` on every rank: rank 0 alone starts the
+    follower (on the test cluster, 4 ranks started 4 followers, which raced on curve.png and one failed)."""
+    from slurm.companions import run_with_follower
+
+    started = tmp_path / "started"
+    follower = [sys.executable, "-c", f"open({str(started)!r}, 'w')"]
+    for key, value in dict(RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(key, value)
+    assert run_with_follower(lambda: 0, follower) == 0 and run_with_follower(lambda: 3, follower) == 3
+    assert not started.exists()
+    monkeypatch.setenv("RANK", "0")
+    assert run_with_follower(lambda: 0, follower) == 0 and started.exists()

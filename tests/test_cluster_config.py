@@ -73,6 +73,12 @@ def test_example_gpu_cluster_file_one_task_per_gpu():
         ],
         "additional_parameters": {"no-kill": True, "requeue": True, "exclusive": True},
     }
+    both = sbatch_parameters(cluster, after="1234", started_with="99")["dependency"]
+    assert (both, sbatch_parameters(cluster, started_with="99")["dependency"]) == (
+        "afterok:1234,after:99",
+        "after:99",
+    )
+    assert "dependency" not in sbatch_parameters(cluster)
     assert cluster.max_requeues == 30
     # What sbatch receives, as submitit writes it.
     script = _make_sbatch_string(command="python -m x", folder="/shared/logs/%j", **params)

@@ -1,13 +1,15 @@
 """`ldit demo` end to end, shortened (configs/demo/quick.yaml: all digits, 100 VA-VAE and 750 DiT steps).
 
 Every stage runs as the real job on 2 local processes; the test checks the summary's fields, the files it
-names, that a rerun skips every finished stage, and that a rerun with other settings is refused. It holds
-the quick run's figures to quality thresholds, and shows that those thresholds reject a broken pipeline:
-the same run with the latents' labels shuffled (the DiT retrained on them), and untrained models.
+names, the curve of the eval follower beside the DiT's training (milestones 250, 500, 750), that a rerun
+skips every finished stage, and that a rerun with other settings is refused. It holds the quick run's
+figures to quality thresholds, and shows that those thresholds reject a broken pipeline: the same run with
+the latents' labels shuffled (the DiT retrained on them), and untrained models.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -20,7 +22,8 @@ import torch
 from PIL import Image
 
 from slurm.config import ConfigError, load_config
-from slurm.demo import DigitClassifier, Layout, accuracy, check_quality, mirrored, write_digits
+from slurm.demo import check_quality
+from slurm.demo_digits import DigitClassifier, Layout, accuracy, mirrored, write_digits
 from slurm.jobs import DemoConfig
 from tests.conftest import ROOT, clean_env
 
@@ -70,6 +73,11 @@ def figures(s: dict) -> str:
         f"Fréchet {d['frechet_distance_samples_vs_heldout']:.2f} (floor {d['frechet_distance_train_vs_heldout']:.2f}), "
         f"PSNR {s['vavae']['heldout_psnr_db']:.2f} dB"
     )
+
+
+def curve_rows(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def ldit_demo(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -153,9 +161,44 @@ def test_demo_runs_every_stage_and_names_its_outputs(demo):
     assert (
         "vavae.loss.perceptual_weight=1.0" in s["losses_off"] and "vavae.loss.use_vf=true" in s["losses_off"]
     )
-    for line in ("=== ldit demo finished in", "sample grid:", "reconstruction grid:", "TensorBoard:",
+    for line in ("=== ldit demo finished in", "sample grid:", "reconstruction grid:", "milestone curve:", "TensorBoard:",
                  "losses off:", "classifier:", "DiT samples:", "per class:", "Fréchet distance:", "FID skipped"):  # fmt: skip
         assert line in stdout, line
+
+
+def test_the_follower_measures_each_milestone_and_its_curve_ends_at_the_summary(demo):
+    """The eval follower beside the DiT's training measured the exports of steps 250, 500 and 750; the
+    last point is the final export's, so it holds the summary's figures (rounded as the summary rounds)."""
+    out, s, stdout = demo
+    dit = Path(s["runs"]["dit"])
+    assert sorted(p.name for p in (dit / "export").glob("step-*")) == [
+        "step-00000250", "step-00000500", "step-00000750",
+    ]  # fmt: skip
+    settings = "euler33-shift1_cfg3-all-from0_balanced_seed0_n500_digits-classifier"
+    curve = s["curve"]
+    assert curve["csv"] == str(dit / "eval" / settings / "curve.csv") and curve["settings"] == settings
+    rows = curve_rows(curve["csv"])
+    assert [int(r["step"]) for r in rows] == [250, 500, 750]
+    assert list(rows[0]) == ["step", "epochs", "samples_seen", "frechet_distance", "sample_accuracy"]
+    assert [float(r["samples_seen"]) for r in rows] == [250 * 128, 500 * 128, 750 * 128]  # global batch 128
+    last = rows[-1]
+    assert round(float(last["sample_accuracy"]), 4) == s["dit"]["sample_accuracy"], (rows, figures(s))
+    assert round(float(last["frechet_distance"]), 3) == s["dit"]["frechet_distance_samples_vs_heldout"]
+    assert [p["step"] for p in curve["points"]] == [250, 500, 750]
+    assert curve["points"][-1]["sample_accuracy"] == float(last["sample_accuracy"])
+    # The PNG beside the sample grid, a copy of the run's; the summary names it and the csv.
+    assert curve["plot"] == str(out / "curve.png") and Path(s["sample_grid"]).parent == out
+    assert (out / "curve.png").read_bytes() == (dit / "eval" / settings / "curve.png").read_bytes()
+    assert Image.open(out / "curve.png").size[0] > 300
+    assert f"milestone curve:     {out / 'curve.png'}" in stdout and curve["csv"] in stdout
+    for row in rows:  # each point is an evaluation folder of the shape `ldit eval` writes
+        doc = json.loads(
+            (dit / "eval" / f"step-{int(row['step']):08d}_{settings}" / "metrics.json").read_text()
+        )
+        assert doc["export"]["step"] == int(row["step"]) and set(doc["metrics"]) == {
+            "sample_accuracy", "frechet_distance",
+        }  # fmt: skip
+    assert stdout.count("demo follower: step ") == 3 and "follow: done: the last export (step 750)" in stdout
 
 
 def test_quick_demo_clears_the_quality_thresholds(demo):
@@ -210,6 +253,7 @@ def test_rerun_skips_finished_stages_and_refuses_other_settings(demo):
     assert s["skipped_stages"] == ["digits", "prep-images", "train-vavae", "extract-latents", "train-dit"]
     assert "$ ldit" not in again.stdout and "finished before, skipped" in again.stdout
     assert s["dit"] == first["dit"] and s["vavae"] == first["vavae"]  # same models, same seeds: same figures
+    assert s["curve"] == first["curve"] and "demo follower" not in again.stdout  # every point was there
     refused = ldit_demo(f"out={out}", "vavae.optim.lr=2e-3", check=False)
     assert refused.returncode == 1
     assert (
@@ -225,11 +269,21 @@ def test_with_inception_weights_the_demo_adds_fid(demo, tmp_path):
     weights = random_weights(tmp_path / "inception.pth", seed=0)
     proc = ldit_demo(f"out={out}", f"inception_weights={weights}", "fid_samples=20")
     s = json.loads((out / "summary.json").read_text())
-    assert list(s["stage_times_s"])[-3:] == ["prep-heldout", "ref-stats", "eval"]
+    assert list(s["stage_times_s"])[-4:] == ["prep-heldout", "ref-stats", "train-dit", "quality"]
+    assert s["skipped_stages"] == ["digits", "prep-images", "train-vavae", "extract-latents"]
     assert s["fid"]["status"] == "done" and np.isfinite(s["fid"]["fid"])
     assert json.loads(Path(s["fid"]["file"]).read_text())["metrics"]["fid"] == s["fid"]["fid"]
-    assert "_n20_heldout-reference" in s["fid"]["file"] and "FID:                 " in proc.stdout
-    assert s["dit"] == first["dit"]
+    assert "step-00000750_" in s["fid"]["file"] and "_n20_heldout-reference" in s["fid"]["file"]
+    assert (
+        "FID:                 " in proc.stdout
+        and f"FID curve:           {out / 'curve-fid.png'}" in proc.stdout
+    )
+    # The follower measured FID at every milestone (the run was trained before: the follower ran alone,
+    # reusing the classifier's points); the FID curve's last point is the summary's FID.
+    rows = curve_rows(s["fid"]["curve"]["csv"])
+    assert [int(r["step"]) for r in rows] == [250, 500, 750] and float(rows[-1]["fid"]) == s["fid"]["fid"]
+    assert (out / "curve-fid.png").is_file() and proc.stdout.count("not redoing it") == 3
+    assert s["dit"] == first["dit"] and s["curve"] == first["curve"]
 
 
 def test_a_larger_dit_steps_continues_the_dit_run(demo):
@@ -245,6 +299,12 @@ def test_a_larger_dit_steps_continues_the_dit_run(demo):
     ]
     assert steps[-1] == 760 and len(steps) == len(set(steps))  # each logged step once
     assert Path(s["exports"]["dit"]).name == "step-00000760"
+    # The follower waited for the resumed run's new plan, reused the three points and measured step 760.
+    rows = curve_rows(s["curve"]["csv"])
+    assert [int(r["step"]) for r in rows] == [250, 500, 750, 760] and proc.stdout.count(
+        "demo follower: step "
+    ) == 1
+    assert round(float(rows[-1]["sample_accuracy"]), 4) == s["dit"]["sample_accuracy"]
 
 
 def test_default_config_file_is_the_schemas_default():

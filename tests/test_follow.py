@@ -21,11 +21,20 @@ import numpy as np
 import pytest
 import torch
 
+from eval.config import EvalConfig
 from eval.inception import WEIGHTS_FILE, random_weights
 from models.vavae import AutoencoderKL, autoencoder_args
+from slurm.config import load_config
 from tests.conftest import ROOT, clean_env
 from tests.data_fixtures import gaussian_latent_set
-from trainer.config import MilestoneExportConfig, RunConfig, StreamConfig, TrainVAVAEConfig, milestone_steps
+from trainer.config import (
+    MilestoneExportConfig,
+    RunConfig,
+    StreamConfig,
+    TrainDiTConfig,
+    TrainVAVAEConfig,
+    milestone_steps,
+)
 from trainer.export import export_weights
 
 CONFIG = str(ROOT / "configs/dit/tiny_cpu.yaml")
@@ -93,6 +102,10 @@ def test_milestone_steps():
     assert milestone_steps(MilestoneExportConfig(every=4), 12) == [4, 8, 12]
     assert milestone_steps(MilestoneExportConfig(every=5, at=(1, 3, 99)), 12) == [1, 3, 5, 10, 12]
     assert milestone_steps(MilestoneExportConfig(), 7) == [7]
+    xl1 = load_config(TrainDiTConfig, [ROOT / "configs/dit/lightningdit_xl1.yaml"], [])
+    assert milestone_steps(xl1.export, xl1.steps) == list(range(10000, 80001, 10000))
+    proxy = load_config(EvalConfig, [ROOT / xl1.export.eval], [])
+    assert (proxy.num_samples, proxy.sampler.points, proxy.sampler.cfg_scale) == (10000, 50, 1.0)
 
 
 def test_follower_points_equal_standalone_evals_and_training_never_waits(world, followed, tmp_path):
@@ -185,6 +198,21 @@ def test_follower_gives_up_when_no_export_comes(world, followed, tmp_path):
     assert proc.returncode == 1
     assert "ldit eval: error: no new export of" in proc.stderr
     assert "for follow_timeout_s=1 s (waiting for export step-00000004)" in proc.stderr
+
+
+def test_a_follower_of_an_extended_run_waits_for_its_new_last_step(world, followed, tmp_path):
+    """`ldit train --follow-eval` passes follow_until=steps: a follower that reads config.yaml before the
+    extended run rewrites it must not end at the old last step (12), whose point it already has."""
+    run = tmp_path / "runs" / "longer"
+    run.mkdir(parents=True)
+    for part in ("export", "eval"):
+        shutil.copytree(followed / part, run / part, symlinks=True)
+    shutil.copy(followed / "config.yaml", run / "config.yaml")
+    args = ["eval", str(world["eval"]), f"run.root={tmp_path / 'runs'}", "run.name=longer", "--follow"]
+    proc = ldit(*args, "follow_until=16", "follow_timeout_s=1", check=False)
+    assert proc.returncode == 1 and proc.stdout.count("not redoing it") == 3, proc.stdout
+    assert "(waiting for the run's config.yaml to reach step 16 (it ends at step 12))" in proc.stderr
+    assert "follow: done" in ldit(*args, "follow_until=12").stdout
 
 
 def test_follow_eval_needs_an_eval_config(world, tmp_path):

@@ -10,9 +10,7 @@ restart at 1 on a fresh cluster, and an old folder could hand back a stale resul
 
 from __future__ import annotations
 
-import datetime
 import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from tests.slurm_fixtures import (  # noqa: F401 (fixtures: pytest finds them in
     _in_repo,
     cluster,
     logs,
+    sacct_times,
     squeue,
     wait,
 )
@@ -163,16 +162,6 @@ def test_sweep_over_one_and_two_nodes_writes_the_report(tmp_path):
         (root / "report.md").is_file() and (root / "report.csv").is_file() and (root / "report.png").is_file()
     )
     assert set(json.loads((root / "sweep.json").read_text())["jobs"]) == {"1", "2"}
-
-
-def sacct_times(*job_ids: str) -> dict[str, tuple[datetime.datetime, datetime.datetime]]:
-    """(Start, End) of each job from accounting (one-second resolution)."""
-    out = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-o", "JobIDRaw,Start,End", "-j", ",".join(job_ids)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    rows = [line.split("|") for line in out.splitlines() if line]
-    return {j: (datetime.datetime.fromisoformat(s), datetime.datetime.fromisoformat(e)) for j, s, e in rows}
 
 
 def tiny_eval_inputs(tmp_path: Path) -> tuple[Path, Path]:

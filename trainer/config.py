@@ -114,8 +114,8 @@ class MilestoneExportConfig:
     at: tuple[int, ...] = ()
     """Further steps to export at (e.g. [1000, 5000] for an early look)."""
     eval: str = ""
-    """Eval config (YAML) the follower evaluates the milestones with when `--follow-eval` names none; a cheap proxy
-    is the point, e.g. FID-10k with Euler on 50 points (configs/eval/fid10k_euler50.yaml)."""
+    """Eval config (YAML) the follower evaluates the milestones with when `--follow-eval` names none. A cheap
+    proxy is the point: e.g. configs/eval/fid10k_euler50.yaml (FID-10K without CFG, Euler on 50 points)."""
 
 
 def milestone_steps(export: MilestoneExportConfig, steps: int) -> list[int]:

@@ -9,11 +9,12 @@ so no fused or CPU-Adam op is compiled either.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from models.device import use_gpus
+
+if TYPE_CHECKING:  # torch is imported where it is used: `ldit plan` reads the bucket rule without it
+    import torch
 
 
 def import_deepspeed() -> ModuleType:
@@ -79,6 +80,8 @@ def deepspeed_config(
       while backward goes on (two bucket buffers instead of one). Off on the CPU, where DeepSpeed's
       streams are no-ops: no overlap to gain, a second buffer to pay.
     """
+    import torch
+
     data_types = {"grad_accum_dtype": "fp32"} if zero_stage >= 1 else {}
     bucket = bucket_elements(trainable_params)
     skip = nonfinite == "skip"
@@ -149,6 +152,8 @@ def build_engine(
     here on a 337 M-element fp32 partition (XL/1's at W=2): +1.26 GiB peak and 0.92 s a step with
     `foreach`, +0 GiB and 0.24 s fused (2 threads). The two agree to rounding, not bit for bit.
     """
+    import torch
+
     deepspeed = import_deepspeed()
     optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
     warmup = max(warmup_steps, 0)
