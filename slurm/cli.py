@@ -243,7 +243,17 @@ def _without(argv: Sequence[str], flag: str, takes_value: bool) -> list[str]:
 
 
 def _sweep_overrides(ns: argparse.Namespace, files: list[str], overrides: list[str]) -> list[str]:
-    out = [f"train={f}" for f in files[:1]] + overrides
+    """The sweep's own keys; every other `key=value` overrides the training config of each job."""
+    import dataclasses
+    import json
+
+    from slurm.jobs import SweepConfig
+
+    own = {f.name for f in dataclasses.fields(SweepConfig)}
+    train = [o for o in overrides if o.partition("=")[0].split(".")[0] not in own]
+    out = [f"train={f}" for f in files[:1]] + [o for o in overrides if o not in train]
+    if train:  # a JSON list is valid YAML: each item stays one string, brackets and quotes included
+        out.append("train_overrides=" + json.dumps(train))
     if ns.nodes:
         out.append(f"nodes=[{ns.nodes}]")
     if ns.steps is not None:

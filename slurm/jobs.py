@@ -52,6 +52,9 @@ class SweepConfig:
     """With a cluster: wait for the jobs and write the report; False: print the report command and return."""
     report: str = ""
     """Only write the report of this sweep folder (`--report DIR`)."""
+    train_overrides: tuple[str, ...] = ()
+    """Overrides of the training config, applied to every job (`ldit sweep CFG.yaml data.shards=… optim.lr=…`:
+    every `key=value` that is not a sweep key lands here)."""
 
     def validate(self) -> None:
         if not self.report and not self.train:

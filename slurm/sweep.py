@@ -48,6 +48,9 @@ def sweep_dir(cfg) -> Path:  # noqa: ANN001 (SweepConfig, defined in slurm.jobs)
     name = None
     for _, part in load_yaml_chain(Path(cfg.train)):
         name = part.get("run", {}).get("name", name)
+    for item in cfg.train_overrides:
+        key, _, value = item.partition("=")
+        name = value if key == "run.name" else name
     return Path(cfg.out) / (name or Path(cfg.train).stem)
 
 
@@ -56,6 +59,7 @@ def train_args(cfg, root: Path, nodes: int) -> list[str]:  # noqa: ANN001
     return [
         "train",
         str(Path(cfg.train).resolve()),
+        *cfg.train_overrides,  # the user's, then the sweep's own (which win)
         f"run.root={root.resolve()}",
         f"run.name=nodes-{nodes}",
         f"steps={cfg.steps}",
@@ -72,17 +76,20 @@ def run(cfg) -> None:  # noqa: ANN001
     if cfg.report:
         print(write_report(Path(cfg.report)), flush=True)
         return
+    from slurm.jobs import JOBS
+
+    JOBS["train"].load([cfg.train], list(cfg.train_overrides))  # a bad override fails before any job starts
     root = sweep_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
     record = {
         "train": str(Path(cfg.train).resolve()),
+        "train_overrides": list(cfg.train_overrides),
         "steps": cfg.steps,
         "nodes": list(cfg.nodes),
         "jobs": {},
     }
     if cfg.cluster:
         from slurm.cluster import describe, load_cluster
-        from slurm.jobs import JOBS
         from slurm.status import record_submission
         from slurm.submit import submit
 

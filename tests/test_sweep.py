@@ -57,14 +57,17 @@ def test_report_of_an_empty_folder_says_so(tmp_path):
 
 def test_local_sweep_over_one_and_two_nodes(tmp_path):
     latent_set(tmp_path / "latents", sizes=(6,) * 8, shape=(4, 4, 4), classes=3)
-    cfg = tmp_path / "tiny.yaml"  # the tiny DiT config on this latent set
-    cfg.write_text(f"_base_: {ROOT / 'configs/dit/tiny_cpu.yaml'}\ndata:\n  shards: {tmp_path / 'latents'}\n")
+    cfg = str(
+        ROOT / "configs/dit/tiny_cpu.yaml"
+    )  # its data.shards and optim.betas come from the command line
     cmd = [
         sys.executable,
         "-m",
         "slurm.cli",
         "sweep",
-        str(cfg),
+        cfg,
+        f"data.shards={tmp_path / 'latents'}",
+        "optim.betas=[0.8,0.9]",
         "--nodes",
         "1,2",
         "--steps",
@@ -72,9 +75,16 @@ def test_local_sweep_over_one_and_two_nodes(tmp_path):
         f"out={tmp_path / 'sweeps'}",
     ]
     env = clean_env()
+    bad = subprocess.run(
+        [*cmd, "optim.lrr=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 1 and "optim.lrr" in bad.stderr and not (tmp_path / "sweeps").exists()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = tmp_path / "sweeps" / "tiny-dit"
+    for n in (1, 2):  # the overrides reached every job (issue #18: "Key 'data' not in 'SweepConfig'" before)
+        saved = (root / f"nodes-{n}" / "config.yaml").read_text()
+        assert f"shards: {tmp_path / 'latents'}" in saved and "- 0.8\n  - 0.9" in saved, saved
     assert "nodes 1: 1 local process(es)" in proc.stdout and "nodes 2: 2 local process(es)" in proc.stdout
     table = rows(root)
     assert [(r.nodes, r.devices) for r in table] == [(1, 1), (2, 2)] and table[0].efficiency == 1.0
