@@ -178,7 +178,7 @@ def train(cfg: TrainVAVAEConfig) -> None:
     shards = ShardGuard(cfg.data, manifest, run_dir, reader.batches(step))  # reads a step ahead
     (bad_next,) = agree(shards.fetch()) if step < cfg.steps else (False,)  # the first step's batch
     heartbeat = Heartbeat(cfg.heartbeat_s, topo.rank)  # a lost or hung peer ends this rank (exit 76)
-    milestones = milestone_steps(cfg.export, cfg.steps)  # exports an eval follower evaluates (issue #16)
+    milestones = set(milestone_steps(cfg.export, cfg.steps))  # exports an eval follower evaluates (issue #16)
 
     def export(at: int, again: bool = True) -> None:  # a collective: the EMA is gathered to rank 0
         weights = ema.state_dict()
