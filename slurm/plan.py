@@ -12,7 +12,7 @@ the config's steps and to `--epochs` epochs. The numbers come from trainer/plan_
 tested there) and the cluster file's figures (slurm/cluster.py says how to measure each); `--mfu` and
 `cluster.<key>=value` replace figures, e.g. by ones a sweep measured.
 
-The model is read as the trainer reads it (:func:`dit_args` mirrors trainer.dit.model_args): the latent
+The model is read as the trainer reads it (trainer.config.dit_model_args): the latent
 shape, class count and sample count come from the config's shard manifest when it is a local folder that
 holds one, else the reference's (32×16×16, 1,000 classes, ImageNet-1k's 1,281,167 training images).
 
@@ -33,12 +33,12 @@ from typing import Any, NoReturn
 
 from models.lightningdit_spec import (
     LightningDiTArgs,
-    lightningdit_args,
     lightningdit_flops,
     lightningdit_parameters,
 )
 from slurm.config import ConfigError
 from slurm.plan_render import nodes_text, render
+from trainer.config import dit_model_args
 from trainer.plan_model import (
     CONTEXT_BYTES,
     FRAGMENTATION,
@@ -77,19 +77,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def dit_args(cfg: Any, latent_shape: Sequence[int], num_classes: int) -> LightningDiTArgs:
-    """The model a `kind: dit` config trains on latents of `latent_shape` (C, H, W): trainer.dit.model_args
-    without the manifest object (tests/test_plan.py checks that the two agree)."""
-    c, h, w = latent_shape
-    if h != w:
-        raise PlanError(f"latents are {h}x{w}; LightningDiT takes square latents")
-    m = cfg.model
-    overrides = {
-        k: v for k, v in (("depth", m.depth), ("hidden_size", m.hidden_size), ("num_heads", m.num_heads)) if v
-    }
-    return lightningdit_args(
-        m.size, **overrides, in_channels=c, input_size=h, num_classes=num_classes,
-        class_dropout_prob=cfg.label_dropout, use_qknorm=m.use_qknorm,
-    )  # fmt: skip
+    """The model a `kind: dit` config trains (trainer.config.dit_model_args, as the trainer reads it)."""
+    try:
+        return dit_model_args(cfg, tuple(latent_shape), num_classes)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
 
 
 @dataclass(frozen=True)

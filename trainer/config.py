@@ -13,6 +13,7 @@ from typing import Literal
 from omegaconf import MISSING
 
 from models.device import Precision
+from models.lightningdit_spec import LightningDiTArgs, lightningdit_args
 
 
 @dataclass
@@ -255,6 +256,23 @@ class TrainDiTConfig(TrainCommon):
     """Probability a label is replaced by the null class (reference §2.2: 0.1)."""
     vavae: str = ""
     """VA-VAE export used to decode sample grids (empty: grids show the first 3 latent channels)."""
+
+
+def dit_model_args(cfg: TrainDiTConfig, latent_shape: tuple[int, ...], num_classes: int) -> LightningDiTArgs:
+    """The model a `kind: dit` config trains on latents of `latent_shape` (C, H, W) of `num_classes` classes: its
+    registry size with the config's overrides. Torch-free: the trainer (trainer/dit.py) and `ldit plan` both
+    read the model through it. Raises ValueError for non-square latents."""
+    c, h, w = latent_shape
+    if h != w:
+        raise ValueError(f"latents are {h}x{w}; LightningDiT takes square latents")
+    m = cfg.model
+    overrides = {
+        k: v for k, v in (("depth", m.depth), ("hidden_size", m.hidden_size), ("num_heads", m.num_heads)) if v
+    }
+    return lightningdit_args(
+        m.size, **overrides, in_channels=c, input_size=h, num_classes=num_classes,
+        class_dropout_prob=cfg.label_dropout, use_qknorm=m.use_qknorm,
+    )  # fmt: skip
 
 
 @dataclass

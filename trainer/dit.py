@@ -20,7 +20,7 @@ from data_prep.manifest import Manifest, ShardSetError
 from data_prep.reader import StreamReader, latent_decoder, normalize_latents
 from models.export import load_lightningdit, load_vavae
 from models.flow import FlowArgs, RectifiedFlow
-from models.lightningdit import LightningDiT, LightningDiTArgs, lightningdit_args
+from models.lightningdit import LightningDiT, LightningDiTArgs
 from models.samplers import sample_euler, timestep_grid
 from trainer.checkpoint import EMA_FILE, Checkpointer
 from trainer.common import (
@@ -37,7 +37,7 @@ from trainer.common import (
     print0,
     topology,
 )
-from trainer.config import TrainDiTConfig, milestone_steps
+from trainer.config import TrainDiTConfig, dit_model_args, milestone_steps
 from trainer.engine import build_engine, deepspeed_config, grad_norm_next_step
 from trainer.export import export_weights, exported
 from trainer.heartbeat import Heartbeat
@@ -49,22 +49,10 @@ from trainer.universal import ConvertSettings
 
 def model_args(cfg: TrainDiTConfig, manifest: Manifest) -> LightningDiTArgs:
     """The registry size of the config, shaped by the latents of the shard set."""
-    c, h, w = manifest.latent.shape
-    if h != w:
-        raise ShardSetError(f"latents of {cfg.data.shards} are {h}x{w}; LightningDiT takes square latents")
-    m = cfg.model
-    overrides = {
-        k: v for k, v in (("depth", m.depth), ("hidden_size", m.hidden_size), ("num_heads", m.num_heads)) if v
-    }
-    return lightningdit_args(
-        cfg.model.size,
-        **overrides,
-        in_channels=c,
-        input_size=h,
-        num_classes=len(manifest.classes),
-        class_dropout_prob=cfg.label_dropout,
-        use_qknorm=cfg.model.use_qknorm,
-    )
+    try:
+        return dit_model_args(cfg, manifest.latent.shape, len(manifest.classes))
+    except ValueError as exc:
+        raise ShardSetError(f"{cfg.data.shards}: {exc}") from None
 
 
 def step_draws(cfg: TrainDiTConfig, step: int, positions: torch.Tensor, shape: tuple[int, ...]):
