@@ -152,8 +152,10 @@ def test_tensorboard_has_every_scalar_and_no_step_twice(latents, tmp_path):
 
     acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
     expected = {"loss/total", "loss/mse", "loss/cos", "opt/lr", "opt/grad_norm", "perf/samples_per_s",
-                "perf/samples_per_s_per_device", "perf/mfu", "perf/data_wait_s", "sys/memory_gb"}  # fmt: skip
+                "perf/samples_per_s_per_device", "perf/data_wait_s", "perf/step_time_s", "perf/data_s",
+                "perf/fwd_bwd_s", "perf/optim_s", "sys/memory_gb"}  # fmt: skip
     assert expected <= set(acc.Tags()["scalars"])
+    assert "perf/mfu" not in acc.Tags()["scalars"]  # no peak on the CPU unless log.peak_tflops sets one
     for tag in expected:
         assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3, 4, 5, 6], tag
     for tag in ("loss/total", "perf/samples_per_s", "sys/memory_gb"):

@@ -209,61 +209,118 @@ def memory_bytes(dev: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+H100_SXM_PEAK_TFLOPS = 989.0
+"""Dense bf16 TFLOP/s of an H100 SXM (NVIDIA's datasheet gives 1,979 with 2:4 sparsity; dense is half):
+the MFU denominator on GPUs when `log.peak_tflops` is not set."""
+
+
+def peak_tflops(configured: float | None, dev: torch.device) -> float | None:
+    """The MFU denominator: the configured peak on any device; unset, the H100 SXM's on GPUs and none on
+    the CPU, where a GPU's datasheet figure would make MFU a meaningless 1e-6 (no `perf/mfu` is logged)."""
+    if configured is not None:
+        return configured
+    return H100_SXM_PEAK_TFLOPS if dev.type == "cuda" else None
+
+
 class Meter:
-    """Step timing: data wait, step time, samples/s, over the steps since the last log.
+    """Step timing over the steps since the last log: step time, samples/s, and each step in parts.
+
+    A step runs from :meth:`begin` to :meth:`add`. :meth:`lap` in between gives the time since the previous
+    mark (the step's begin, or the previous lap) to a named part; the time from the last lap to :meth:`add`
+    counts as `data`. Laps of the same name add up, so a step's parts sum to its time (same clock, same
+    marks). The DiT loop (trainer/dit.py) laps every step into three parts; under DeepSpeed ZeRO-2
+    (deepspeed 0.19.8) they hold:
+
+    - `data`: taking the batch read a step ahead, its host-to-device copies and the per-sample draws; then,
+      after the step, reading the next step's batch ahead (`ShardGuard.fetch`) and agreeing on the host
+      flags (`agree`).
+    - `fwd_bwd`: every micro-batch's forward, loss and `engine.backward`, gradient communication included:
+      ZeRO-2 reduces gradients inside the backward of every micro-batch, not only at the accumulation
+      boundary. The hook each parameter gets (`DeepSpeedZeroOptimizer.create_gradient_handling_hooks` →
+      `process_gradients` → `reduce_ready_partitions_and_remove_grads` →
+      `reduce_independent_p_g_buckets_and_remove_grads`) reduces a bucket as soon as it is full
+      (`reduce_ipg_grads` → `average_tensor`), and `DeepSpeedEngine.backward` ends with
+      `_backward_epilogue` → `allreduce_gradients` → `overlapping_partition_gradients_reduce_epilogue` →
+      `independent_gradient_partition_epilogue`, which reduces the last, partly filled bucket (and, with
+      `overlap_comm` on CUDA, synchronizes the device, so backward returns after every reduction).
+    - `optim`: every micro-batch's `engine.step()` and the EMA update. At the accumulation boundary
+      `DeepSpeedEngine.step` → `_take_model_step` → `DeepSpeedZeroOptimizer.step`: the gradient norm (on
+      log steps or when clipping), AdamW on this rank's fp32 partition, its copy into the bf16/fp32
+      module partition, and `all_gather_dp_groups`, the all-gather of the updated parameters, then the
+      learning-rate scheduler. On the other micro-steps `step()` does only bookkeeping (nearly nothing).
 
     On GPUs the host queues work ahead of the device, so a host clock around a step measures how fast the
-    step was queued, not run: there each step is bracketed by CUDA events, read at the log step (the
-    log's own read of the losses has waited for the device by then). On the CPU, `time.perf_counter`.
+    step was queued, not run: there each mark is a CUDA event on the current stream, read at the log step
+    (the log's own read of the losses has waited for the device by then); no lap synchronizes. The parts
+    are then device time between marks: the work queued in that part, plus any time the device sat idle
+    waiting for the host to queue it (a slow read-ahead shows in `data` only when the device ran dry).
+    On the CPU, `time.perf_counter`. `perf/data_wait_s` stays the host time of the read-ahead alone.
     """
 
     def __init__(self, dev: torch.device | None = None) -> None:
         self.cuda = dev is not None and dev.type == "cuda"
+        self._laps: list[tuple[str, Any]] = []  # (name, mark) of the step in progress
         self.reset()
 
     def reset(self) -> None:
         self.steps, self.samples, self.data_wait, self.start = 0, 0, 0.0, time.perf_counter()
-        self.step_times: list[Any] = []  # seconds, or (start, end) CUDA event pairs
+        self.step_marks: list[tuple[list[str], list[Any]]] = []  # per step: part names, marks (begin … end)
 
-    def begin(self) -> Any:
-        """Mark a step's start; hand the result to :meth:`add` when the step is queued."""
+    def _mark(self) -> Any:
         if not self.cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
 
+    def begin(self) -> Any:
+        """Mark a step's start; hand the result to :meth:`add` when the step is queued."""
+        self._laps = []
+        return self._mark()
+
+    def lap(self, name: str) -> None:
+        """Give the time since the previous mark to part `name` (`perf/<name>_s`)."""
+        self._laps.append((name, self._mark()))
+
     def add(self, samples: int, data_wait: float, began: Any) -> None:
+        """End the step begun at `began`; the time since its last lap counts as `data`."""
         self.steps += 1
         self.samples += samples
         self.data_wait += data_wait
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self.step_times.append((began, end))
-        else:
-            self.step_times.append(time.perf_counter() - began)
+        names = [name for name, _ in self._laps] + ["data"] if self._laps else []
+        self.step_marks.append((names, [began, *(mark for _, mark in self._laps), self._mark()]))
+        self._laps = []
+
+    def _offsets(self) -> list[list[float]]:
+        """Each step's marks in seconds since its begin (on GPUs this waits for the last step's end event)."""
+        if not self.cuda:
+            return [[m - marks[0] for m in marks] for _, marks in self.step_marks]
+        if self.step_marks:
+            self.step_marks[-1][1][-1].synchronize()
+        return [[0.0] + [marks[0].elapsed_time(m) / 1e3 for m in marks[1:]] for _, marks in self.step_marks]
 
     def seconds(self) -> list[float]:
-        """Each step's time since the last log (on GPUs this waits for the last step's end event)."""
-        if not self.cuda:
-            return list(self.step_times)
-        if self.step_times:
-            self.step_times[-1][1].synchronize()
-        return [a.elapsed_time(b) / 1e3 for a, b in self.step_times]
+        """Each step's time since the last log."""
+        return [offsets[-1] for offsets in self._offsets()]
 
-    def summary(self, world_size: int, flops_per_sample: float, peak_tflops: float) -> dict[str, float]:
-        times = self.seconds()
+    def summary(self, world_size: int, flops_per_sample: float, peak: float | None) -> dict[str, float]:
+        """Means per step since the last log; `perf/mfu` only with a `peak` (TFLOP/s), `perf/<part>_s` only
+        for the parts the steps lapped (a loop that never laps gets none)."""
+        offsets = self._offsets()
+        steps = max(len(offsets), 1)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         rate = self.samples / elapsed
         per_device = rate / world_size
-        return {
-            "perf/samples_per_s": rate,
-            "perf/samples_per_s_per_device": per_device,
-            "perf/mfu": per_device * flops_per_sample / (peak_tflops * 1e12),
-            "perf/data_wait_s": self.data_wait / max(self.steps, 1),
-            "perf/step_time_s": sum(times) / max(len(times), 1),
-        }
+        out = {"perf/samples_per_s": rate, "perf/samples_per_s_per_device": per_device}
+        if peak is not None:
+            out["perf/mfu"] = per_device * flops_per_sample / (peak * 1e12)
+        out["perf/data_wait_s"] = self.data_wait / max(self.steps, 1)
+        out["perf/step_time_s"] = sum(o[-1] for o in offsets) / steps
+        parts: dict[str, float] = {}
+        for (names, _), o in zip(self.step_marks, offsets):
+            for name, a, b in zip(names, o, o[1:]):
+                parts[name] = parts.get(name, 0.0) + (b - a)
+        return out | {f"perf/{name}_s": total / steps for name, total in parts.items()}
 
 
 class Logger:

@@ -97,8 +97,10 @@ class LogConfig:
     """Log scalars to TensorBoard every this many steps."""
     sample_every: int = 5000
     """Write a sample grid every this many steps (0: never)."""
-    peak_tflops: float = 989.0
-    """Peak dense bf16 TFLOP/s of one device, for MFU (989 for an H100 SXM; set it for your GPU)."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device, the denominator of `perf/mfu`; a value given is used on any device (set it
+    for your GPU, e.g. its measured bf16 matmul peak, benchmarks/bench_gpu.py). Unset: 989 on GPUs (an H100
+    SXM's dense bf16, NVIDIA's datasheet), and no `perf/mfu` on the CPU, where that figure means nothing."""
 
 
 @dataclass
@@ -182,6 +184,8 @@ class TrainCommon:
             )
         if self.steps <= 0:
             raise ValueError(f"steps={self.steps} must be positive")
+        if self.log.peak_tflops is not None and self.log.peak_tflops <= 0:
+            raise ValueError(f"log.peak_tflops={self.log.peak_tflops} must be positive (or unset: null)")
         if self.micro_batch < 0:
             raise ValueError(f"micro_batch={self.micro_batch} must be 0 (no accumulation) or positive")
         if self.nonfinite_check_every <= 0:

@@ -33,6 +33,7 @@ from trainer.common import (
     mean_over_ranks,
     memory_bytes,
     optimizer_state_bytes,
+    peak_tflops,
     per_sample_normal,
     print0,
     topology,
@@ -129,6 +130,7 @@ def train(cfg: TrainDiTConfig) -> None:
     )  # fmt: skip
     mean, std = manifest.latent.mean, manifest.latent.std
     signals, logger, meter = StopSignals(), Logger(run_dir, step), Meter(topo.device)
+    peak = peak_tflops(cfg.log.peak_tflops, topo.device)  # None: no perf/mfu (the CPU, unless set)
     sums = torch.zeros(3, dtype=torch.float64, device=topo.device)  # loss/total, mse, cos since the last log
     watch = NonFiniteWatch(topo.device, cfg.nonfinite_check_every, cfg.nonfinite == "stop")
     skipped = 0
@@ -152,6 +154,7 @@ def train(cfg: TrainDiTConfig) -> None:
                 v.to(topo.device, non_blocking=True)
                 for v in step_draws(cfg, step, batch.positions, x1.shape[1:])
             )
+            meter.lap("data")
             lr = engine.get_lr()[0]  # the rate this step applies (the scheduler advances in engine.step())
             logging = (step + 1) % cfg.log.every == 0 or step + 1 == cfg.steps
             grad_norm_next_step(engine, logging)  # the norm costs a pass and a host read: only when logged
@@ -162,29 +165,32 @@ def train(cfg: TrainDiTConfig) -> None:
                     return engine(x_t.to(topo.dtype), t_, y_, drop_mask=mask)
 
                 loss = flow.loss(net, x1[sl], y[sl], noise=noise[sl], t=t[sl])  # loss
-                engine.backward(loss.total)  # backward
-                engine.step()  # step (applied at the accumulation boundary)
+                engine.backward(loss.total)  # backward (ZeRO-2 reduces the gradients in it)
                 sums += (
                     torch.stack([loss.total, loss.mse, loss.cos]).detach() / topo.grad_accum
                 )  # on the device
                 watch.add(step, loss.total)
+                meter.lap("fwd_bwd")
+                engine.step()  # step (applied at the accumulation boundary)
+                meter.lap("optim")
+            if engine.was_step_applied():
+                ema.update()  # EMA of the fp32 master weights the step just wrote
+            else:
+                skipped += 1
+            meter.lap("optim")  # the EMA update counts with the optimizer step
             t1 = time.perf_counter()
             bad = shards.fetch() if step + 1 < cfg.steps else False  # the next step's batch, read ahead
             data_s = time.perf_counter() - t1
             stopping, bad_next = agree(signals.received is not None, bad)  # host flags: no device sync
             heartbeat.beat()  # every rank got here: this step finished
             step += 1
-            if engine.was_step_applied():
-                ema.update()  # EMA of the fp32 master weights the step just wrote
-            else:
-                skipped += 1
-            meter.add(topo.global_batch, data_s, began)
+            meter.add(topo.global_batch, data_s, began)  # the read-ahead and the agreement count as data
             saving = step % cfg.ckpt.every == 0 or step == cfg.steps or stopping
             watch.check(step, logging, saving, ema.masters_finite)  # nonfinite=stop: read the flag
             if logging:  # log
                 means = sums / meter.steps
                 values = mean_over_ranks(dict(zip(("loss/total", "loss/mse", "loss/cos"), means.tolist())))
-                values |= meter.summary(topo.world_size, flops.forward + flops.backward, cfg.log.peak_tflops)
+                values |= meter.summary(topo.world_size, flops.forward + flops.backward, peak)
                 values |= {
                     "opt/lr": lr,
                     "opt/grad_norm": float(engine.get_global_grad_norm() or 0.0),
