@@ -132,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--nodes", metavar="N,N,…", help="node counts, one job each (nodes=[…])")
             p.add_argument("--steps", type=int, metavar="N", help="steps each job runs")
             p.add_argument("--report", metavar="DIR", help="only write the report of the sweep in DIR")
+            p.add_argument(
+                "--scaling", metavar="strong,weak", help="strong, weak or both (scaling=[…]; default strong)"
+            )
     # Not a job: sub-commands with their own flags, no config schema, no process group (slurm/inspect.py).
     summary = inspect_cmd.SUMMARY
     inspect_cmd.configure(sub.add_parser("inspect", help=summary, description=f"ldit inspect: {summary}."))
@@ -260,6 +263,8 @@ def _sweep_overrides(ns: argparse.Namespace, files: list[str], overrides: list[s
         out.append(f"steps={ns.steps}")
     if ns.report:
         out.append(f"report={ns.report}")
+    if ns.scaling:
+        out.append(f"scaling=[{ns.scaling}]")
     if ns.cluster:
         out.append("cluster=[" + ",".join(str(Path(c).resolve()) for c in ns.cluster) + "]")
     return out

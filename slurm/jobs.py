@@ -34,7 +34,8 @@ from trainer.config import (
 
 @dataclass
 class SweepConfig:
-    """A scaling study: one training job per node count, same global batch and data order (slurm/sweep.py)."""
+    """A scaling study: one training job per node count and scaling mode (slurm/sweep.py): strong (the
+    config's global batch at every node count) and weak (its per-device batch at every node count)."""
 
     train: str = ""
     """Training config (YAML) every job of the sweep runs (the positional argument of `ldit sweep`)."""
@@ -43,15 +44,24 @@ class SweepConfig:
     steps: int = 200
     """Steps each job runs (`--steps`); the first 20% are left out of the figures as warm-up."""
     out: str = "runs/sweeps"
-    """Folder of the sweeps: the runs are <out>/<train run.name>/nodes-<n>."""
+    """Folder of the sweeps: the runs are <out>/<train run.name>/<strong|weak>/nodes-<n>."""
     cluster: tuple[str, ...] = ()
     """Cluster files (`--slurm --cluster FILE`): one SLURM job per node count. Empty: run on this machine."""
     local_tasks_per_node: int = 1
     """Without a cluster: processes per "node" (a node count n runs n times this many local processes)."""
     wait: bool = True
     """With a cluster: wait for the jobs and write the report; False: print the report command and return."""
+    one_at_a_time: bool = True
+    """With a cluster: each job waits for the one before it to succeed (afterok), so that no two share the
+    network (or, on a test cluster whose nodes are one host, the cores) and distort each other's figures."""
     report: str = ""
     """Only write the report of this sweep folder (`--report DIR`)."""
+    scaling: tuple[str, ...] = ("strong",)
+    """`strong`: the config's global batch at every node count; `weak`: the per-device batch (and streams
+    per rank) of the smallest node count at every node count (`--scaling strong,weak`)."""
+    figures: tuple[str, ...] = ()
+    """Cluster file(s) whose `ldit plan` figures predict each run in the report (default: the sweep's
+    --cluster files; a local sweep predicts only with this, e.g. figures=[configs/cluster/local.yaml])."""
     train_overrides: tuple[str, ...] = ()
     """Overrides of the training config, applied to every job (`ldit sweep CFG.yaml data.shards=… optim.lr=…`:
     every `key=value` that is not a sweep key lands here)."""
@@ -63,6 +73,10 @@ class SweepConfig:
             )
         if not self.report and (not self.nodes or min(self.nodes) < 1):
             raise ValueError(f"nodes={list(self.nodes)} must be positive node counts")
+        if not self.scaling or set(self.scaling) - {"strong", "weak"}:
+            raise ValueError(
+                f"scaling={list(self.scaling)} must name strong, weak or both (--scaling strong,weak)"
+            )
 
 
 def demo_vavae() -> TrainVAVAEConfig:
@@ -261,7 +275,7 @@ JOBS: dict[str, Job] = {
         ),
         Job(
             "sweep",
-            "scaling study: one job per node count, and its report",
+            "scaling study, strong and weak: one job per node count, and its report against `ldit plan`",
             {"": SweepConfig},
             "slurm.sweep:run",
         ),

@@ -27,7 +27,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -109,6 +109,8 @@ class Planner:
     dtype: str
     dataset: int
     epochs: float
+    source: str = field(default="", init=False)
+    """Where the latent shape, class count and dataset size came from (:func:`model_inputs`)."""
 
     def __post_init__(self) -> None:
         self.params, self.buffers = lightningdit_parameters(self.args)
@@ -234,6 +236,60 @@ def _links(cluster: Any, mfu: float | None, where: str) -> Links:
     )  # fmt: skip
 
 
+def model_inputs(cfg: Any) -> tuple[tuple[int, ...], int, int, str]:
+    """Latent shape, class count, samples in an epoch and where they come from: the config's shard
+    manifest when it is a local folder that holds one, else the reference's."""
+    if (Path(cfg.data.shards) / "manifest.json").is_file():
+        from data_prep.manifest import load_manifest
+
+        m = load_manifest(cfg.data.shards, "latents")
+        return tuple(m.latent.shape), len(m.classes), m.total, f"{cfg.data.shards}/manifest.json"
+    return REFERENCE_LATENTS, REFERENCE_CLASSES, IMAGENET_TRAIN, "reference defaults"
+
+
+def planner_for(
+    cfg: Any, cluster: Any, links: Links, dataset_size: int | None = None, epochs: float = 800
+) -> Planner:
+    """The planner of a `kind: dit`, ZeRO-2 training config on a cluster (its tasks, GPUs and memory)."""
+    if cfg.kind != "dit":
+        raise PlanError(f"the plan models LightningDiT runs (kind=dit); the config is kind={cfg.kind}")
+    if cfg.zero_stage != 2:
+        raise PlanError(f"the plan models ZeRO stage 2; the config has zero_stage={cfg.zero_stage}")
+    shape, classes, dataset, source = model_inputs(cfg)
+    gpus = cluster.gpus_per_node > 0
+    dtype = cfg.precision if cfg.precision != "auto" else ("bf16" if gpus else "fp32")
+    memory = int((cluster.gpu_memory_gib or 0) * GiB)
+    planner = Planner(
+        dit_args(cfg, shape, classes),
+        cfg,
+        links,
+        memory,
+        cluster.tasks,
+        gpus,
+        dtype,
+        dataset_size or dataset,
+        epochs,
+    )
+    planner.source = source
+    return planner
+
+
+def calibrated(links: Links, sweep: Path, keep_mfu: bool = False) -> tuple[Links, str]:
+    """`links` with the peak × MFU and bandwidths a sweep's report fitted (`<sweep>/calibration.json`,
+    slurm/sweep_report.py); `--mfu`, when given, keeps its MFU."""
+    path = sweep / "calibration.json"
+    if not path.is_file():
+        raise PlanError(
+            f"{path} does not exist: `ldit sweep --report {sweep}` writes it when the sweep's runs can be "
+            "predicted (a cluster file with the plan's figures: figures=FILE)"
+        )
+    cal = json.loads(path.read_text())["fitted"]
+    fitted = {k: v for k, v in cal.items() if k in ("peak_tflops", "mfu", "intra_node_gbs", "inter_node_gbs")}
+    if keep_mfu:
+        fitted = {k: v for k, v in fitted.items() if k not in ("peak_tflops", "mfu")}
+    return replace(links, **fitted), f"calibrated by the sweep {sweep}"
+
+
 def make_report(ns: argparse.Namespace) -> dict[str, Any]:
     """The plan as a JSON-ready dict (what `--json` prints; :func:`render` writes it as text)."""
     from slurm.cluster import load_cluster
@@ -243,36 +299,13 @@ def make_report(ns: argparse.Namespace) -> dict[str, Any]:
     overrides = [a for a in ns.args if a not in files and not a.startswith("cluster.")]
     cluster_overrides = [a.removeprefix("cluster.") for a in ns.args if a.startswith("cluster.")]
     cfg = JOBS["train"].load(files, overrides)
-    if cfg.kind != "dit":
-        raise PlanError(f"the plan models LightningDiT runs (kind=dit); the config is kind={cfg.kind}")
-    if cfg.zero_stage != 2:
-        raise PlanError(f"the plan models ZeRO stage 2; the config has zero_stage={cfg.zero_stage}")
     cluster = load_cluster(ns.cluster, cluster_overrides)
     links = _links(cluster, ns.mfu, " + ".join(ns.cluster))
-    shape, classes, dataset, source = (
-        REFERENCE_LATENTS,
-        REFERENCE_CLASSES,
-        IMAGENET_TRAIN,
-        "reference defaults",
-    )
-    if (Path(cfg.data.shards) / "manifest.json").is_file():
-        from data_prep.manifest import load_manifest
-
-        m = load_manifest(cfg.data.shards, "latents")
-        shape, classes, dataset, source = (
-            m.latent.shape,
-            len(m.classes),
-            m.total,
-            f"{cfg.data.shards}/manifest.json",
-        )
-    if ns.dataset_size:
-        dataset = ns.dataset_size
-    gpus = cluster.gpus_per_node > 0
-    dtype = cfg.precision if cfg.precision != "auto" else ("bf16" if gpus else "fp32")
-    args = dit_args(cfg, shape, classes)
-    planner = Planner(
-        args, cfg, links, int(cluster.gpu_memory_gib * GiB), cluster.tasks, gpus, dtype, dataset, ns.epochs
-    )
+    mfu_source = "--mfu" if ns.mfu is not None else "cluster file"
+    if ns.calibrate:
+        links, mfu_source = calibrated(links, Path(ns.calibrate), keep_mfu=ns.mfu is not None)
+    planner = planner_for(cfg, cluster, links, ns.dataset_size, ns.epochs)
+    args, dtype, dataset, source = planner.args, planner.dtype, planner.dataset, planner.source
     rows = [planner.row(n, planner.baseline()) for n in ns.nodes]
     flops = lightningdit_flops(args, cfg.grad_checkpointing)
     report: dict[str, Any] = {
@@ -281,8 +314,8 @@ def make_report(ns: argparse.Namespace) -> dict[str, Any]:
         "model_source": source, "dtype": dtype, "comm_dtype": cfg.comm_dtype, "global_batch": cfg.data.global_batch,
         "steps": cfg.steps, "epochs": ns.epochs, "dataset": dataset,
         "dataset_source": "--dataset-size" if ns.dataset_size else source, "checkpointing": cfg.grad_checkpointing,
-        "flops": asdict(flops), "links": asdict(links), "mfu_source": "--mfu" if ns.mfu is not None else "cluster file",
-        "gpu_memory_bytes": planner.gpu_bytes, "gpus_per_node": planner.tasks, "gpus": gpus, "rows": rows,
+        "flops": asdict(flops), "links": asdict(links), "mfu_source": mfu_source,
+        "gpu_memory_bytes": planner.gpu_bytes, "gpus_per_node": planner.tasks, "gpus": planner.gpus, "rows": rows,
     }  # fmt: skip
     if not any(r.get("fits") or r.get("instead") for r in rows):
         report["to_fit"] = _what_would_fit(planner, rows)
@@ -328,6 +361,8 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="the wall time to N epochs is shown too (default 800, the reference's longest run)")  # fmt: skip
     parser.add_argument("--dataset-size", type=int, metavar="N",
                         help="samples in an epoch (default: the config's shard manifest, else 1,281,167)")  # fmt: skip
+    parser.add_argument("--calibrate", metavar="SWEEP_DIR",
+                        help="take the peak × MFU and the bandwidths a sweep measured (its calibration.json)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 

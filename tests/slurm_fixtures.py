@@ -65,13 +65,25 @@ def wait(job: submitit.Job, timeout_s: float) -> str:
     return state
 
 
-def sacct_times(*job_ids: str) -> dict[str, tuple[datetime.datetime, datetime.datetime]]:
-    """(Start, End) of each job from accounting (one-second resolution)."""
-    out = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-o", "JobIDRaw,Start,End", "-j", ",".join(job_ids)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    rows = [line.split("|") for line in out.splitlines() if line]
+def sacct_times(
+    *job_ids: str, timeout_s: float = 30.0
+) -> dict[str, tuple[datetime.datetime, datetime.datetime]]:
+    """(Start, End) of each job from accounting (one-second resolution). Accounting may still say `Unknown`
+    for a moment after a job ends (slurmdbd records it after the job's epilogue): asked again until then."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run(
+            ["sacct", "-X", "-n", "-P", "-o", "JobIDRaw,Start,End", "-j", ",".join(job_ids)],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        rows = [line.split("|") for line in out.splitlines() if line]
+        if len(rows) == len(job_ids) and "Unknown" not in {v for row in rows for v in row[1:]}:
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"sacct has no start and end of jobs {job_ids} after {timeout_s:g} s: {out!r}"
+            )
+        time.sleep(1)
     return {j: (datetime.datetime.fromisoformat(s), datetime.datetime.fromisoformat(e)) for j, s, e in rows}
 
 

@@ -129,39 +129,41 @@ def test_ldit_train_on_two_nodes(tmp_path, capsys):
     assert "2 node(s) × 2 task(s)" in status and "1 node(s) × 2 task(s)" in status
 
 
-def test_sweep_over_one_and_two_nodes_writes_the_report(tmp_path):
-    """`ldit sweep … --slurm`: one real job per node count (2 and 4 gloo ranks), then the report."""
+def test_sweep_strong_and_weak_over_one_and_two_nodes_writes_the_report(tmp_path):
+    """`ldit sweep … --scaling strong,weak --slurm`: one real job per node count and mode (2 and 4 gloo
+    ranks), then the report with the plan's predicted step time and its error per node count."""
     import json
 
-    from slurm.sweep import rows
+    from slurm.sweep_report import rows
 
     latent_set(tmp_path / "latents", sizes=(6,) * 8, shape=(4, 4, 4), classes=3)
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(f"_base_: {ROOT / 'configs/dit/tiny_cpu.yaml'}\ndata:\n  shards: {tmp_path / 'latents'}\n")
     clusters = tmp_path / "cluster.yaml"
     clusters.write_text(f"_base_: {LOCAL}\nfolder: {tmp_path}/logs/%j\n")
-    code = main(
-        [
-            "sweep",
-            str(cfg),
-            "--nodes",
-            "1,2",
-            "--steps",
-            "5",
-            f"out={tmp_path / 'sweeps'}",
-            "--slurm",
-            "--cluster",
-            str(clusters),
-        ]
-    )
-    assert code == 0
+    args = ["sweep", str(cfg), "--nodes", "1,2", "--scaling", "strong,weak", "--steps", "10",
+            f"out={tmp_path / 'sweeps'}", "--slurm", "--cluster", str(clusters)]  # fmt: skip
+    assert main(args) == 0
     root = tmp_path / "sweeps" / "tiny-dit"
-    table = rows(root)
-    assert [(r.nodes, r.devices) for r in table] == [(1, 2), (2, 4)]
+    table, notes = rows(root)
+    assert [(r.scaling, r.nodes, r.devices, r.global_batch) for r in table] == [
+        ("strong", 1, 2, 16), ("strong", 2, 4, 16), ("weak", 1, 2, 16), ("weak", 2, 4, 32)]  # fmt: skip
+    assert notes == [] and all(r.predicted is not None and r.error is not None for r in table)
+    md = (root / "report.md").read_text()
+    errors = md.split("plan error per node count (predicted / measured step time − 1): ")[1].splitlines()[0]
+    assert errors == ", ".join(f"{r.scaling} {r.nodes} node(s) {r.error * 100:+.1f}%" for r in table)
+    print(md)  # the figures the README quotes (pytest -s)
     assert (
-        (root / "report.md").is_file() and (root / "report.csv").is_file() and (root / "report.png").is_file()
+        (root / "report.csv").is_file()
+        and (root / "report.png").is_file()
+        and (root / "calibration.json").is_file()
     )
-    assert set(json.loads((root / "sweep.json").read_text())["jobs"]) == {"1", "2"}
+    jobs = json.loads((root / "sweep.json").read_text())["jobs"]
+    assert {k: set(v) for k, v in jobs.items()} == {"strong": {"1", "2"}, "weak": {"1", "2"}}
+    order = [jobs[s][n] for s in ("strong", "weak") for n in ("1", "2")]
+    times = sacct_times(*order)
+    for before, after in zip(order, order[1:]):  # one at a time: no two jobs shared the host's cores
+        assert times[after][0] >= times[before][1], (before, after, times)
 
 
 def tiny_eval_inputs(tmp_path: Path) -> tuple[Path, Path]:
