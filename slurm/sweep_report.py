@@ -118,18 +118,28 @@ class Predictor:
         from slurm.plan import _links
 
         self.cluster, self.links = cluster, _links(cluster, None, where)  # a missing figure: PlanError
+        self._planners: dict[tuple[int, int], Any] = {}
 
-    def planner(self, cfg: Any, tasks: int, links: Any = None) -> Any:
+    def planner(self, cfg: Any, tasks: int) -> Any:
+        """The run's planner, built once (a fit asks it for every trial of the figures: the manifest is
+        read and the parameter list built once per run, not once per trial)."""
         from slurm.plan import planner_for
 
-        gpus = self.cluster.gpus_per_node > 0  # the run's tasks per node (a local sweep's may differ)
-        cluster = replace(
-            self.cluster, gpus_per_node=tasks if gpus else 0, tasks_per_node=None if gpus else tasks
-        )
-        return planner_for(cfg, cluster, links or self.links)
+        key = (id(cfg), tasks)
+        if key not in self._planners:
+            gpus = self.cluster.gpus_per_node > 0  # the run's tasks per node (a local sweep's may differ)
+            cluster = replace(
+                self.cluster, gpus_per_node=tasks if gpus else 0, tasks_per_node=None if gpus else tasks
+            )
+            self._planners[key] = (
+                cfg,
+                planner_for(cfg, cluster, self.links),
+            )  # cfg kept: its id stays its own
+        return self._planners[key][1]
 
     def step_ms(self, cfg: Any, nodes: int, devices: int, links: Any = None) -> dict[str, float]:
-        planner = self.planner(cfg, devices // nodes, links)
+        planner = self.planner(cfg, devices // nodes)
+        planner.links = links or self.links  # only the step time reads them; the state bytes do not
         t = planner.time(nodes, planner.configured(devices))
         return {
             "compute": t["compute_s"] * 1e3,
