@@ -9,7 +9,8 @@ process per round (benchmarks/_interleave.py: rounds interleaved, order rotated,
 - `plain`: forward + flow loss + backward + AdamW step on one in-memory batch.
 - `trainer`: `ldit train` itself at world size 1 (`slurm.cli.main(["train", …])` in the contender's
   process, as the `ldit` command runs it without --local): the stream reader on a latent shard set,
-  per-sample noise, the DeepSpeed ZeRO-2 engine, the EMA, the step's agreement over ranks.
+  per-sample noise, the DeepSpeed engine (stage 0 at one rank in fp32: trainer.engine.engine_stage), the
+  EMA, the step's agreement over ranks.
 - `plain+compile`: the plain loop after `models.compile.compile_regions(model)` (each block compiled in
   place).
 - `trainer+compile`: the trainer with `model.compile=true`.

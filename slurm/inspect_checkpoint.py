@@ -87,20 +87,24 @@ def _parts(folder: Path) -> dict[str, int]:
     return parts
 
 
-def _run_kind_and_world(run_dir: Path | None) -> tuple[str | None, int | None]:
-    """The kind from `<run>/config.yaml` and the world size from `<run>/topology.json` (None if unknown)."""
+def _run_kind_world_stage(run_dir: Path | None) -> tuple[str | None, int | None, int | None]:
+    """The kind from `<run>/config.yaml`, the world size from `<run>/topology.json` and the ZeRO stage run
+    from `<run>/ds_config.json` (None if unknown)."""
     import yaml
 
-    kind = world = None
+    kind = world = stage = None
     if run_dir is not None and (run_dir / "config.yaml").is_file():
         kind = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("kind")
     if run_dir is not None and (run_dir / "topology.json").is_file():
         world = json.loads((run_dir / "topology.json").read_text()).get("world_size")
-    return kind, world
+    if run_dir is not None and (run_dir / "ds_config.json").is_file():
+        stage = json.loads((run_dir / "ds_config.json").read_text()).get("zero_optimization", {}).get("stage")
+    return kind, world, stage
 
 
-def _still_needed(folder: Path, kind: str | None, world: int | None) -> list[str]:
-    """What a complete checkpoint of this kind at this world size holds and `folder` does not (yet)."""
+def _still_needed(folder: Path, kind: str | None, world: int | None, stage: int | None = None) -> list[str]:
+    """What a complete checkpoint of this kind at this world size and ZeRO stage holds and `folder` does
+    not (yet). Stage 0 (one rank in fp32) writes no ZeRO partition files."""
     from trainer.checkpoint import EMA_FILE, META
 
     need = [META]
@@ -112,7 +116,8 @@ def _still_needed(folder: Path, kind: str | None, world: int | None) -> list[str
             need.append(f"{engine}/")
             continue
         need.append(f"{engine}/mp_rank_00_model_states.pt")
-        for r in ranks:  # DeepSpeed's ZeRO partition of rank r (a bf16_ prefix in some versions)
+        partitioned = ranks if stage != 0 else []  # stage 0 (one rank in fp32) writes no ZeRO partition
+        for r in partitioned:  # DeepSpeed's ZeRO partition of rank r (a bf16_ prefix in some versions)
             if not list((folder / engine).glob(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt")):
                 need.append(f"{engine}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
     return [n for n in need if "<" in n or not (folder / n.rstrip("/")).exists()]
@@ -127,6 +132,8 @@ def resume_answer(meta: dict[str, Any], world_size: int, folder: Path) -> tuple[
     universal format, converted once into `<engine>_universal/`.
     """
     from trainer.config import world_size_problems
+    from trainer.engine import engine_stage
+    from trainer.stage_change import resume_route
 
     cfg = meta["config"]
     b, v, micro = cfg["data"]["global_batch"], cfg["data"]["streams"], cfg["micro_batch"]
@@ -134,15 +141,26 @@ def resume_answer(meta: dict[str, Any], world_size: int, folder: Path) -> tuple[
         return False, "no: " + "; ".join(why)
     local = b // world_size
     split = f"{local} samples per rank = micro batch {micro or local} × {local // (micro or local)}"
-    if world_size == meta["world_size"]:
+    saved = int(meta.get("zero_stage", 2))
+    to = engine_stage(cfg.get("zero_stage", 2), world_size=world_size, dtype=meta.get("dtype", ""),
+                      nonfinite=cfg.get("nonfinite", "stop"))  # fmt: skip
+    route = resume_route(meta, world_size, to)
+    if route == "exact":
         return True, f"yes, exact (same world size; {split})"
     engines = ENGINES.get(meta.get("kind", ""), ()) or [
         p.name for p in folder.iterdir() if p.is_dir() and not p.name.endswith("_universal")
     ]
     folders = ", ".join(f"{e}_universal/" for e in engines)
+    how = (
+        "via universal conversion ("
+        if route == "universal"
+        else f"via whole tensors (ZeRO stage {saved} → {to}; "
+    )
+    if saved == 0:  # a stage-0 checkpoint is read as it is: nothing to convert
+        return True, f"yes, {how}{split})"
     if all((folder / f"{e}_universal").is_dir() for e in engines):
-        return True, f"yes, via universal conversion ({folders} already written; {split})"
-    return True, f"yes, via universal conversion (the first resume writes {folders}; {split})"
+        return True, f"yes, {how}{folders} already written; {split})"
+    return True, f"yes, {how}the first resume writes {folders}; {split})"
 
 
 def _instead(r: dict[str, Any]) -> str:
@@ -185,14 +203,14 @@ def checkpoint_report(
         r["topology"] = {k: meta.get(k) for k in TOPOLOGY_KEYS}
         r["files"] = len(meta["files"])
     else:
-        kind, world = _run_kind_and_world(run_dir)
+        kind, world, stage = _run_kind_world_stage(run_dir)
         r["kind"] = kind
         r["topology"] = {"world_size": world}
         r["present"] = [
             f"{p.name}/ ({sum(f.is_file() for f in p.rglob('*'))} files)" if p.is_dir() else p.name
             for p in sorted(folder.iterdir())
         ]
-        r["still_needed"] = _still_needed(folder, kind, world)
+        r["still_needed"] = _still_needed(folder, kind, world, stage)
     if run_dir is not None:
         ckpts = Checkpointer(run_dir)
         with _quiet("trainer.checkpoint"):

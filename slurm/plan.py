@@ -39,6 +39,7 @@ from models.lightningdit_spec import (
 from slurm.config import ConfigError
 from slurm.plan_render import nodes_text, render
 from trainer.config import dit_model_args
+from trainer.engine import engine_stage
 from trainer.plan_model import (
     CONTEXT_BYTES,
     FRAGMENTATION,
@@ -48,6 +49,7 @@ from trainer.plan_model import (
     activation_bytes,
     bucket_bytes,
     fullest_rank,
+    stage0_state,
     step_time,
     zero2_state,
 )
@@ -120,14 +122,27 @@ class Planner:
     def state(self, world: int) -> StateBytes:
         """The model and optimizer state of the fullest rank of `world` (computed once per world size)."""
         if world not in self._states:
-            rank = fullest_rank(self.params, world, self.dtype)
-            self._states[world] = zero2_state(self.params, self.buffers, world, rank, self.dtype)
+            if self.stage(world) == 0:
+                self._states[world] = stage0_state(self.params, self.buffers)
+            else:
+                rank = fullest_rank(self.params, world, self.dtype)
+                self._states[world] = zero2_state(self.params, self.buffers, world, rank, self.dtype)
         return self._states[world]
+
+    def stage(self, world: int) -> int:
+        """The ZeRO stage the trainer runs at `world` ranks (trainer.engine.engine_stage: 0 at one rank in fp32)."""
+        return engine_stage(
+            self.cfg.zero_stage, world_size=world, dtype=self.dtype, nonfinite=self.cfg.nonfinite
+        )
 
     def memory(self, world: int, s: Setting) -> dict[str, int]:
         """Bytes on the fullest rank, by kind (trainer/plan_model.py), and their total with the allowance."""
         state = self.state(world)
-        buckets = bucket_bytes(self.trainable, world, self.dtype, self.cfg.comm_dtype, self.gpus)
+        buckets = (
+            0
+            if self.stage(world) == 0
+            else bucket_bytes(self.trainable, world, self.dtype, self.cfg.comm_dtype, self.gpus)
+        )
         act = {ck: activation_bytes(self.args, s.micro, self.dtype, ck).peak for ck in (True, False)}
         allowance = CONTEXT_BYTES + round(FRAGMENTATION * (act[s.checkpointing] + buckets))
         out = {k: v for k, v in asdict(state).items() if k != "ema_host"}
@@ -179,7 +194,7 @@ class Planner:
 
         world = nodes * self.tasks
         cfg = self.cfg
-        row: dict[str, Any] = {"nodes": nodes, "world": world}
+        row: dict[str, Any] = {"nodes": nodes, "world": world, "zero_stage": self.stage(world)}
         if problems := world_size_problems(cfg.data.global_batch, cfg.data.streams, cfg.micro_batch, world):
             return row | {"problem": "; ".join(problems)}
         s = self.configured(world)

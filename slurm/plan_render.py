@@ -57,11 +57,13 @@ def render(r: dict[str, Any]) -> str:
     unit = "GPUs" if r["gpus"] else "tasks"  # a CPU cluster's ranks
     tokens = (a["input_size"] // a["patch_size"]) ** 2
     steps_h, epochs_h = f"{r['steps']:,} steps", f"{r['epochs']:g} epochs"
+    stage0 = [row["world"] for row in r["rows"] if row.get("zero_stage") == 0]
+    zero = "ZeRO-2" + (" (stage 0, no ZeRO, at one rank in fp32)" if stage0 else "")
     lines = [
         f"ldit plan: {' + '.join(r['config'])} on {' + '.join(r['cluster'])}",
         f"model     {r['size']}: {r['trainable']:,} trained + {r['frozen']:,} frozen parameters, {tokens} tokens "
         f"(latents {a['in_channels']}×{a['input_size']}×{a['input_size']}, {a['num_classes']:,} classes: {r['model_source']})",
-        f"training  {r['dtype']}, ZeRO-2, gradients reduced in {r['comm_dtype']}, global batch {r['global_batch']:,}, "
+        f"training  {r['dtype']}, {zero}, gradients reduced in {r['comm_dtype']}, global batch {r['global_batch']:,}, "
         f"activation checkpointing {'on' if r['checkpointing'] else 'off'}, {r['steps']:,} steps",
         f"FLOPs     {tflop(f['forward'] + f['backward'])} a sample (forward {tflop(f['forward'])} + backward "
         f"{tflop(f['backward'])}), + {tflop(f['recompute'])} recomputed with checkpointing",

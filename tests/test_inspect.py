@@ -259,8 +259,8 @@ def test_complete_checkpoint(run, tmp_path, capsys):
     assert lines[4:] == [
         f"  complete: yes (meta.json lists {n_files} files, all present with their sizes)",
         "  resumable at world size 2: yes, exact (same world size; 8 samples per rank = micro batch 8 × 1)",
-        "  resumable at world size 1: yes, via universal conversion (the first resume writes model_universal/; "
-        "16 samples per rank = micro batch 16 × 1)",
+        "  resumable at world size 1: yes, via whole tensors (ZeRO stage 2 → 0; the first resume writes "
+        "model_universal/; 16 samples per rank = micro batch 16 × 1)",
         "  other checkpoints: step-00000002 (complete)",
     ]
     code, out, _ = inspect(capsys, "checkpoint", run, "--json", "--world-size", 3)

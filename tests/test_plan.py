@@ -27,7 +27,7 @@ from models.lightningdit import LightningDiT, lightningdit_args
 from models.lightningdit_spec import lightningdit_flops, lightningdit_parameters
 from slurm.cli import run_local
 from tests.conftest import ROOT, WORKERS, clean_env
-from trainer.plan_model import activation_bytes, bucket_staging_bytes, zero2_state
+from trainer.plan_model import activation_bytes, bucket_staging_bytes, stage0_state, zero2_state
 
 XL1, EXAMPLE = "configs/dit/lightningdit_xl1.yaml", "configs/cluster/example.yaml"
 PROBED = {  # the models of tests/workers/plan_probe.py
@@ -58,20 +58,24 @@ def test_the_parameter_list_is_the_modules(size, overrides):
 @pytest.mark.parametrize("world", [1, 2])
 def test_state_bytes_equal_deepspeeds(world, tmp_path, monkeypatch):
     """Every rank's parameters, gradients, optimizer state, fp32 master, EMA and staging buckets, measured on
-    real engines (tests/workers/plan_probe.py), equal the plan's prediction exactly."""
+    real engines (tests/workers/plan_probe.py), equal the plan's prediction exactly: ZeRO-2, and at one rank
+    also stage 0 in fp32, which the trainer runs there."""
     for k, v in clean_env().items():
         monkeypatch.setenv(k, v)
     assert run_local([sys.executable, str(WORKERS / "plan_probe.py"), str(tmp_path)], world) == 0
     for rank in range(world):
         measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert sum(key.endswith("-stage0") for key in measured) == (2 if world == 1 else 0)
         for key, got in measured.items():
-            name, dtype = key.split("-")
+            name, dtype, *stage0 = key.split("-")
             params, buffers = lightningdit_parameters(PROBED[name])
-            want = zero2_state(params, buffers, world, rank, dtype)
+            want = (
+                stage0_state(params, buffers) if stage0 else zero2_state(params, buffers, world, rank, dtype)
+            )
             predicted = {
                 "params": want.params, "grads": want.grads, "optimizer": want.optimizer, "master": want.master,
                 "ema": want.ema, "ema_total": want.ema + want.ema_host,
-                "buckets": bucket_staging_bytes(got["trainable"], world, dtype, gpus=False),
+                "buckets": 0 if stage0 else bucket_staging_bytes(got["trainable"], world, dtype, gpus=False),
                 "trainable": sum(p.numel for p in params if p.trainable),
             }  # fmt: skip
             print(f"W={world} rank {rank} {key}: {got}")
@@ -277,3 +281,29 @@ def test_the_shard_manifest_gives_the_latents_classes_and_epoch(tmp_path):
     (row,) = report["rows"]
     assert row["time"]["epochs_wall_s"] == pytest.approx(800 * 15_000 / 1024 * row["time"]["step_s"])
     assert json.loads(ldit(*cmd, "--dataset-size", "1000").stdout)["dataset"] == 1000
+
+
+def test_one_rank_in_fp32_is_planned_at_stage_0():
+    """One task a node in fp32 on the CPU: the 1-node row is the stage-0 state the trainer runs there (no
+    master copy, no bucket: trainer.engine.engine_stage), the 2-node row ZeRO-2's, and the text says so."""
+    from models.lightningdit_spec import LightningDiTArgs
+
+    cmd = [
+        "plan",
+        "configs/dit/tiny_cpu.yaml",
+        "--cluster",
+        "configs/cluster/local_one_core.yaml",
+        "--nodes",
+        "1,2",
+    ]
+    report = json.loads(ldit(*cmd, "--json").stdout)
+    one, two = report["rows"]
+    assert (one["zero_stage"], two["zero_stage"]) == (0, 2)
+    params, buffers = lightningdit_parameters(LightningDiTArgs(**report["args"]))
+    want = stage0_state(params, buffers)
+    assert {k: one["memory"][k] for k in ("params", "grads", "optimizer", "master", "ema", "buckets")} == {
+        "params": want.params, "grads": want.grads, "optimizer": want.optimizer, "master": 0, "ema": want.ema,
+        "buckets": 0,
+    }  # fmt: skip
+    assert two["memory"]["master"] > 0 and two["memory"]["buckets"] > 0
+    assert "fp32, ZeRO-2 (stage 0, no ZeRO, at one rank in fp32), gradients" in ldit(*cmd).stdout

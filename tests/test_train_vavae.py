@@ -354,7 +354,8 @@ def test_init_from_without_the_discriminator_stops_the_ldit_command(tmp: Path, r
 
 def test_elastic_resume_from_2_ranks_to_1_continues_the_same_run(tmp: Path, run_a: Path) -> None:
     """Run `a` as it was at its step-2 checkpoint (2 ranks), resumed on 1 rank with 2 micro-batches of 4:
-    DeepSpeed's universal conversion of both engines, and the same samples in each micro-batch."""
+    DeepSpeed's universal conversion of both engines, read whole into the stage-0 engines one rank runs in
+    fp32 (trainer/stage_change.py), and the same samples in each micro-batch."""
     run = tmp / "runs" / "elastic"
     shutil.copytree(run_a, run, symlinks=True)
     shutil.rmtree(run / "export")
@@ -362,7 +363,10 @@ def test_elastic_resume_from_2_ranks_to_1_continues_the_same_run(tmp: Path, run_
     (run / "checkpoints" / "latest").write_text("step-00000002")
     out = train(tmp, "elastic", "steps=4", "loss.disc_start=3", "ckpt.every=2", "log.sample_every=2",
                 "micro_batch=4", local=1)  # fmt: skip
-    assert "resumed elastic at step 2 (elastic: universal checkpoint)" in out and "warning" not in out
+    whole = (
+        "(from ZeRO stage 2 at world size 2 to stage 0 at world size 1: whole tensors)"  # fp32 at one rank
+    )
+    assert f"resumed elastic at step 2 {whole}" in out and "warning" not in out
     for engine in ("autoencoder", "discriminator"):
         assert (run / "checkpoints" / "step-00000002" / f"{engine}_universal").is_dir()
     ref, got = logged(run_a), logged(run)

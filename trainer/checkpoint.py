@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer.stage_change import load_whole, resume_route
 from trainer.universal import ConvertSettings, ensure_universal, listed_file_problems
 
 log = logging.getLogger(__name__)
@@ -335,8 +336,13 @@ class Checkpointer:
         world, rank, start = dist.get_world_size(), dist.get_rank(), time.perf_counter()
         elastic = ck.meta["world_size"] != world
         for name, engine in engines.items():
-            tag = name
-            if elastic:  # converted once, outside any collective's time-out (trainer/universal.py)
+            tag, route = name, resume_route(ck.meta, world, engine.zero_optimization_stage())
+            if route == "whole":  # saved at stage 0, or loaded into stage 0 (trainer/stage_change.py)
+                load_whole(ck.path, name, engine, self.convert)
+                continue
+            if (
+                route == "universal"
+            ):  # converted once, outside any collective's time-out (trainer/universal.py)
                 tag = f"{name}_universal"
                 ensure_universal(ck.path / name, ck.path / tag, self.convert)
             load_path, _ = engine.load_checkpoint(

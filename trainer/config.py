@@ -148,7 +148,9 @@ class TrainCommon:
     precision: Precision = "auto"
     """Compute dtype: `auto` is bf16 on GPUs and fp32 on CPU."""
     zero_stage: int = 2
-    """DeepSpeed ZeRO stage (the design uses 2)."""
+    """DeepSpeed ZeRO stage (the design uses 2). At one rank in fp32 the engine runs stage 0, which shards
+    nothing as ZeRO at one rank does, without its copies (trainer.engine.engine_stage; meta.json records
+    the stage run, and a resume at another stage goes through whole tensors, trainer/stage_change.py)."""
     comm_dtype: Literal["fp32", "bf16"] = "fp32"
     """Dtype of the gradient reduce-scatter / all-reduce (DeepSpeed `communication_data_type`). fp32 keeps the
     reference's numerics (its DDP reduces fp32 gradients); bf16 halves the bytes on the wire under bf16 training

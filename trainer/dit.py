@@ -39,12 +39,13 @@ from trainer.common import (
     topology,
 )
 from trainer.config import TrainDiTConfig, dit_model_args, milestone_steps
-from trainer.engine import build_engine, deepspeed_config, grad_norm_next_step
+from trainer.engine import build_engine, deepspeed_config, engine_stage, global_grad_norm, grad_norm_next_step
 from trainer.export import export_weights, exported
 from trainer.heartbeat import Heartbeat
 from trainer.preflight import open_training_shards
 from trainer.shard_guard import ShardGuard
 from trainer.sharded_ema import ShardedEMA, fp32_snapshot, seed_fp32_master
+from trainer.stage_change import describe, resume_route
 from trainer.universal import ConvertSettings
 
 
@@ -93,16 +94,19 @@ def train(cfg: TrainDiTConfig) -> None:
 
         compile_regions(model)  # in place: the module keeps its own state_dict keys
     init = fp32_snapshot(model)  # the EMA starts from the fp32 weights, before DeepSpeed casts the module
-    elastic = resume is not None and resume.meta["world_size"] != topo.world_size
+    zero_stage = engine_stage(
+        cfg.zero_stage, world_size=topo.world_size, dtype=topo.dtype, nonfinite=cfg.nonfinite
+    )
+    route = resume_route(resume.meta, topo.world_size, zero_stage) if resume is not None else "exact"
     trained = [p for p in model.parameters() if p.requires_grad]
     ds_config = deepspeed_config(
         micro_batch=topo.micro_batch, grad_accum=topo.grad_accum, world_size=topo.world_size,
-        dtype=topo.dtype, grad_clip=cfg.optim.grad_clip, zero_stage=cfg.zero_stage, comm_dtype=cfg.comm_dtype,
-        load_universal=elastic, trainable_params=sum(p.numel() for p in trained), nonfinite=cfg.nonfinite,
+        dtype=topo.dtype, grad_clip=cfg.optim.grad_clip, zero_stage=zero_stage, comm_dtype=cfg.comm_dtype,
+        load_universal=route == "universal", trainable_params=sum(p.numel() for p in trained), nonfinite=cfg.nonfinite,
     )  # fmt: skip
     engine = build_engine(
         model, trained, lr=cfg.optim.lr, betas=cfg.optim.betas,
-        eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps, ds_config=ds_config,
+        eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps, ds_config=ds_config, grad_clip=cfg.optim.grad_clip,
     )  # fmt: skip
     ema = ShardedEMA(engine, init, cfg.ema_decay)  # this rank's partition of the fp32 master weights
     if resume is None:
@@ -116,7 +120,8 @@ def train(cfg: TrainDiTConfig) -> None:
         ema.load_state_dict(read_state_dict(resume.path / EMA_FILE))
         step = resume.step
         print0(
-            f"resumed {cfg.run.name} at step {step}" + (" (elastic: universal checkpoint)" if elastic else "")
+            f"resumed {cfg.run.name} at step {step}"
+            + describe(route, resume.meta, topo.world_size, zero_stage)
         )
     if topo.rank == 0:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
@@ -193,7 +198,7 @@ def train(cfg: TrainDiTConfig) -> None:
                 values |= meter.summary(topo.world_size, flops.forward + flops.backward, peak)
                 values |= {
                     "opt/lr": lr,
-                    "opt/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "opt/grad_norm": global_grad_norm(engine),
                     "opt/skipped_steps": float(skipped),
                     "sys/memory_gb": memory_bytes(topo.device) / 2**30,
                     "sys/optimizer_state_mb_rank0": optimizer_state_bytes(engine) / 2**20,
@@ -209,7 +214,7 @@ def train(cfg: TrainDiTConfig) -> None:
             with heartbeat.paused():  # not steps: collective_timeout_s bounds saves, grids and exports
                 if saving:  # checkpoint
                     meta = {"samples_seen": step * topo.global_batch, "config": asdict(cfg), **topo.describe(),
-                            "zero_stage": cfg.zero_stage, "kind": "dit", "model_args": asdict(args)}  # fmt: skip
+                            "zero_stage": zero_stage, "kind": "dit", "model_args": asdict(args)}  # fmt: skip
                     ckpts.save(step, {"model": engine}, ema.state_dict, meta)
                 if sampling:  # samples
                     sample_grid(cfg, args, ema.state_dict(), manifest, step, run_dir, logger, topo.device)

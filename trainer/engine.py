@@ -76,6 +76,9 @@ def deepspeed_config(
       DeepSpeed's "reduce-scatter" is one gloo `reduce` per owning rank, measured slower than one
       all-reduce of the bucket (benchmarks/bench_ddp.py, the 12x384 model at W=2, 125.5 MiB of fp32
       gradients: 392 ms against 82 ms), so there the bucket is all-reduced and each rank keeps its slice.
+    - Stage 0 (:func:`engine_stage`: one rank, fp32): `gradient_clipping` is written 0 and the clipping
+      is done by our step pre-hook, which computes the norm it logs (DeepSpeed's stage-0 clipping keeps
+      none); no ZeRO keys apply.
     - `overlap_comm`: on GPUs with more than one rank, gradient buckets are reduced on a side stream
       while backward goes on (two bucket buffers instead of one). Off on the CPU, where DeepSpeed's
       streams are no-ops: no overlap to gain, a second buffer to pay.
@@ -90,7 +93,7 @@ def deepspeed_config(
         "train_batch_size": micro_batch * grad_accum * world_size,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": grad_clip,
+        "gradient_clipping": grad_clip if zero_stage > 0 else 0.0,  # stage 0: clipped by _Stage0Norm
         "zero_optimization": {
             "stage": zero_stage,
             "reduce_scatter": use_gpus(),
@@ -109,14 +112,74 @@ def deepspeed_config(
     }
 
 
+def engine_stage(zero_stage: int, *, world_size: int, dtype: torch.dtype | str, nonfinite: str) -> int:
+    """The ZeRO stage an engine runs: `zero_stage` (the config's, 2 by default), except 0 at one rank in fp32.
+
+    ZeRO at one rank shards nothing, yet DeepSpeed 0.19.8's stage 2 does all of its partitioning work:
+    each gradient is copied into a bucket, "reduced" over one rank, copied into the partition buffer and
+    concatenated again for the step, and the fp32 master, a second copy of the fp32 weights, is copied back
+    into the module after it (benchmarks/bench_trainer.py, 12x384 fp32: `ldit train` 1.099 of a plain
+    loop with stage 2, 1.034 with stage 0 in the same run). Stage 0 is DeepSpeed's engine with torch's
+    AdamW on the module's own parameters, which are the fp32 master weights.
+
+    Kept at `zero_stage`: under bf16, where DeepSpeed's stage 0 would accumulate gradients in bf16 (the
+    DDP_BFLOAT16 wrapper `_do_optimizer_sanity_check` picks; ldit accumulates in fp32, see
+    :func:`deepspeed_config`), and for `nonfinite=skip`, which needs ZeRO's overflow check to
+    skip a step. Checkpoints record the stage they were saved with; one saved at another stage resumes
+    through whole tensors (trainer/stage_change.py), at any world size. `dtype` may be a name ("float32"
+    as meta.json writes it, "fp32" as `ldit plan` does).
+    """
+    if world_size == 1 and str(dtype).removeprefix("torch.") in ("float32", "fp32") and nonfinite != "skip":
+        return 0
+    return zero_stage
+
+
+class _Stage0Norm:
+    """The global gradient norm at stage 0 (DeepSpeed computes none there), and the clipping with it.
+
+    A step pre-hook of the torch optimizer: it runs inside `engine.step()` at the accumulation boundary,
+    after DeepSpeed has accumulated (and, at W > 1, all-reduced) the gradients and before the update. It
+    computes the norm when the step is logged (:func:`grad_norm_next_step`) or clipped, and clips as
+    DeepSpeed's `clip_grad_norm_` does (coefficient clip / (norm + 1e-6) when below 1), so DeepSpeed's own
+    stage-0 clipping, which keeps no norm, is turned off in the config at stage 0 (:func:`deepspeed_config`).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], clip: float) -> None:
+        self.params, self.clip = params, clip
+        self.wanted = False
+        self.norm: torch.Tensor | None = None
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        import torch
+
+        self.norm = None
+        if not (self.wanted or self.clip > 0):
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        self.norm = torch.nn.utils.get_total_norm(grads)
+        if self.clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.clip, self.norm)
+
+
 def grad_norm_next_step(engine: Any, on: bool) -> None:
     """Whether the engine's next optimizer step computes the global gradient norm (for a log step), when
     its config computes it only when needed. Sets `compute_grad_norm` of DeepSpeed 0.19.8's ZeRO 1-2
-    optimizer, which `step()` reads each time (deepspeed/runtime/zero/stage_1_and_2.py); a config that
-    computes it always (clipping, nonfinite=skip) is left as it is."""
+    optimizer, which `step()` reads each time (deepspeed/runtime/zero/stage_1_and_2.py), or the flag of our
+    stage-0 hook (:class:`_Stage0Norm`); a config that computes it always (clipping, nonfinite=skip) is
+    left as it is."""
     optimizer = engine.optimizer
-    if hasattr(optimizer, "compute_grad_norm"):
+    if isinstance(norm := getattr(engine, "ldit_stage0_norm", None), _Stage0Norm):
+        norm.wanted = on
+    elif hasattr(optimizer, "compute_grad_norm"):
         optimizer.compute_grad_norm = on or engine.zero_compute_grad_norm()  # the config says: always
+
+
+def global_grad_norm(engine: Any) -> float:
+    """The global gradient norm of the engine's last step (0.0 when it computed none); a host read, for
+    log steps."""
+    if isinstance(norm := getattr(engine, "ldit_stage0_norm", None), _Stage0Norm):
+        return float(norm.norm) if norm.norm is not None else 0.0
+    return float(engine.get_global_grad_norm() or 0.0)
 
 
 BUCKET_CAP = 50_000_000
@@ -143,6 +206,7 @@ def build_engine(
     weight_decay: float,
     warmup_steps: int,
     ds_config: dict[str, Any],
+    grad_clip: float = 0.0,
 ) -> Any:
     """A DeepSpeed engine over `module` with torch's AdamW on `params` (no op to compile) and an
     optional linear warmup, both saved and restored by DeepSpeed's checkpoints.
@@ -151,6 +215,9 @@ def build_engine(
     multi-tensor version allocates a temporary the size of the partition for its denominator. Measured
     here on a 337 M-element fp32 partition (XL/1's at W=2): +1.26 GiB peak and 0.92 s a step with
     `foreach`, +0 GiB and 0.24 s fused (2 threads). The two agree to rounding, not bit for bit.
+
+    At stage 0 (:func:`engine_stage`) `grad_clip` is applied by our step pre-hook, which also computes the
+    norm that is logged (:class:`_Stage0Norm`), and at one rank DeepSpeed's backward all-reduce is off.
     """
     import torch
 
@@ -163,4 +230,9 @@ def build_engine(
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    if ds_config["zero_optimization"]["stage"] == 0:
+        engine.ldit_stage0_norm = _Stage0Norm(params, grad_clip)
+        optimizer.register_step_pre_hook(engine.ldit_stage0_norm)
+        if engine.dp_world_size == 1:  # nothing to reduce: DeepSpeed would flatten, all-reduce and copy back
+            engine.enable_backward_allreduce = False
     return engine

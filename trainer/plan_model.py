@@ -134,6 +134,25 @@ def zero2_state(
     )
 
 
+def stage0_state(params: Sequence[TensorSpec], buffers: Sequence[TensorSpec]) -> StateBytes:
+    """The bytes one rank holds at stage 0, which ldit runs at one rank in fp32 (trainer.engine.engine_stage):
+    the module's own fp32 parameters are the master weights (no flat buffer, no padding, no master copy),
+    a `.grad` per trained parameter, Adam's two moments per trained parameter, and the EMA of each trained
+    parameter (trainer/sharded_ema.py without ZeRO); no gradient bucket (the backward all-reduce is off).
+    16Ψ + the EMA's 4Ψ, where ZeRO-2 at one rank holds 20Ψ + its bucket."""
+    trained = sum(p.numel for p in params if p.trainable)
+    frozen = sum(p.numel for p in params if not p.trainable)
+    buffer_numel = sum(b.numel for b in buffers)
+    return StateBytes(
+        params=4 * (trained + frozen + buffer_numel),
+        grads=4 * trained,
+        optimizer=8 * trained,
+        master=0,
+        ema=4 * trained,
+        ema_host=4 * (frozen + buffer_numel),
+    )
+
+
 def bucket_staging_bytes(trainable: int, world: int, dtype: Dtype, gpus: bool) -> int:
     """The staging buckets gradients are copied into as the backward produces them (`setup_buckets`):
     `bucket_elements(trainable)` elements (trainer/engine.py) in the training dtype

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["ShardedEMA", "fp32_snapshot", "seed_fp32_master"]
+__all__ = ["ShardedEMA", "fill_partitions", "fp32_snapshot", "seed_fp32_master", "zero_masters"]
 
 
 def fp32_snapshot(model: nn.Module) -> dict[str, Tensor]:
@@ -263,11 +263,27 @@ def seed_fp32_master(engine: Any, weights: dict[str, Tensor]) -> None:
     missing = sorted(set(names.values()) - set(weights))
     if missing:
         raise KeyError(f"no fp32 weights for trainable parameter(s) {missing[:5]} of the engine")
-    layout = _Layout(engine, names)
-    if not layout.master_attr:
+    if not (layout := _Layout(engine, names)).master_attr:
         return
-    masters = [m.view(-1) for m in _masters(engine, layout.master_attr)]
+    fill_partitions(engine, weights, _masters(engine, layout.master_attr))
+
+
+def zero_masters(engine: Any) -> list[Tensor]:
+    """This rank's fp32 master partitions of a ZeRO engine, one flat tensor per optimizer group ([] without
+    ZeRO, where the module's parameters are the masters)."""
+    layout = _Layout(engine, {})
+    return _masters(engine, layout.master_attr) if layout.master_attr else []
+
+
+@torch.no_grad()
+def fill_partitions(engine: Any, whole: dict[str, Tensor], flats: list[Tensor]) -> None:
+    """Copy this rank's slice of each trainable parameter's whole tensor in `whole` (keyed like
+    `engine.module`'s parameters) into `flats`, one tensor per optimizer group laid out like this rank's
+    fp32 master partition (the masters themselves, or an Adam moment of them). ZeRO engines only."""
+    names = {id(p): n for n, p in engine.module.named_parameters() if p.requires_grad}
+    layout = _Layout(engine, names)
+    flats = [f.view(-1) for f in flats]
     for s in layout.slots:
         if (w := _window(s, layout.rank, layout.partition_size)) is not None:
             src, dst, n = w
-            masters[s.group][dst : dst + n].copy_(weights[s.name].reshape(-1)[src : src + n])
+            flats[s.group][dst : dst + n].copy_(whole[s.name].reshape(-1)[src : src + n])

@@ -65,7 +65,7 @@ from trainer.common import (
     topology,
 )
 from trainer.config import TrainVAVAEConfig, milestone_steps
-from trainer.engine import build_engine, deepspeed_config, grad_norm_next_step
+from trainer.engine import build_engine, deepspeed_config, engine_stage, global_grad_norm, grad_norm_next_step
 from trainer.export import (
     DISC_PREFIX,
     EXTRA_PARTS,
@@ -78,6 +78,7 @@ from trainer.heartbeat import Heartbeat
 from trainer.preflight import open_training_shards
 from trainer.shard_guard import ShardGuard
 from trainer.sharded_ema import ShardedEMA, fp32_snapshot, seed_fp32_master
+from trainer.stage_change import describe, resume_route
 from trainer.stages import gan_steps, load_init, stage_uses, trained_extras
 from trainer.universal import ConvertSettings
 from trainer.vavae_objectives import (
@@ -111,7 +112,10 @@ def train(cfg: TrainVAVAEConfig) -> None:
         )
         print0(message)
     autoencoder.set_grad_checkpointing(cfg.grad_checkpointing)
-    elastic = resume is not None and resume.meta["world_size"] != topo.world_size
+    zero_stage = engine_stage(
+        cfg.zero_stage, world_size=topo.world_size, dtype=topo.dtype, nonfinite=cfg.nonfinite
+    )
+    route = resume_route(resume.meta, topo.world_size, zero_stage) if resume is not None else "exact"
     engines, fp32, ds_configs = {}, {}, {}
     for name, module in (
         ("autoencoder", AutoencoderObjective(autoencoder, loss_fn.linear_proj)),
@@ -120,15 +124,15 @@ def train(cfg: TrainVAVAEConfig) -> None:
         trained = [p for p in module.parameters() if p.requires_grad]
         ds_configs[name] = deepspeed_config(  # the two differ in their bucket sizes only
             micro_batch=topo.micro_batch, grad_accum=topo.grad_accum, world_size=topo.world_size,
-            dtype=topo.dtype, grad_clip=cfg.optim.grad_clip, zero_stage=cfg.zero_stage,
-            comm_dtype=cfg.comm_dtype, load_universal=elastic, trainable_params=sum(p.numel() for p in trained),
+            dtype=topo.dtype, grad_clip=cfg.optim.grad_clip, zero_stage=zero_stage,
+            comm_dtype=cfg.comm_dtype, load_universal=route == "universal", trainable_params=sum(p.numel() for p in trained),
             nonfinite=cfg.nonfinite,
         )  # fmt: skip
         fp32[name] = fp32_snapshot(module)  # the weights before DeepSpeed casts them (EMA and master start)
         engines[name] = build_engine(
             module, trained, lr=cfg.optim.lr, betas=cfg.optim.betas,
             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps,
-            ds_config=ds_configs[name],
+            ds_config=ds_configs[name], grad_clip=cfg.optim.grad_clip,
         )  # fmt: skip
     ae_engine, d_engine = engines["autoencoder"], engines["discriminator"]
     init = {
@@ -149,7 +153,8 @@ def train(cfg: TrainVAVAEConfig) -> None:
         step = resume.step
         loaded = set(resume.meta.get("extras", EXTRA_PARTS))  # what the run held when it saved
         print0(
-            f"resumed {cfg.run.name} at step {step}" + (" (elastic: universal checkpoint)" if elastic else "")
+            f"resumed {cfg.run.name} at step {step}"
+            + describe(route, resume.meta, topo.world_size, zero_stage)
         )
         if resume.meta["micro_batch"] != topo.micro_batch:
             print0(
@@ -240,7 +245,7 @@ def train(cfg: TrainVAVAEConfig) -> None:
                 values |= {k: v for k, v in perf.items() if k != "perf/mfu"}
                 for name, engine in engines.items():
                     values[f"opt/{name}/lr"] = lrs[name]
-                    values[f"opt/{name}/grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+                    values[f"opt/{name}/grad_norm"] = global_grad_norm(engine)
                     values[f"sys/{name}/optimizer_state_mb_rank0"] = optimizer_state_bytes(engine) / 2**20
                 values |= {
                     "sys/ema_mb_rank0": ema.nbytes() / 2**20,
@@ -257,7 +262,7 @@ def train(cfg: TrainVAVAEConfig) -> None:
             with heartbeat.paused():  # not steps: collective_timeout_s bounds saves, grids and exports
                 if saving:  # checkpoint
                     meta = {"samples_seen": step * topo.global_batch, "config": asdict(cfg), **topo.describe(),
-                            "zero_stage": cfg.zero_stage, "kind": "vavae", "model_args": asdict(args),
+                            "zero_stage": zero_stage, "kind": "vavae", "model_args": asdict(args),
                             "extras": trained_extras(cfg, step, loaded)}  # fmt: skip
                     ckpts.save(step, engines, ema.state_dict, meta)
                 if sampling:  # samples

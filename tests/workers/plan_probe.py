@@ -4,7 +4,7 @@ bytes each kind of state holds on this rank, for tests/test_plan.py to compare w
 Usage: plan_probe.py OUT          (writes OUT/rank<r>.json: {"<model>-<dtype>": {kind: bytes, ...}, ...})
 
 Models: the tiny T/1 and a 12-block × 384 model, on 3×4×4 latents (an odd channel count, so the flat
-buffer needs padding); dtypes bf16 and fp32. Each engine runs two micro-batches (gradient accumulation 2)
+buffer needs padding); dtypes bf16 and fp32; at one rank also stage 0 in fp32 (`<model>-fp32-stage0`). Each engine runs two micro-batches (gradient accumulation 2)
 and one optimizer step. What is measured, by unique storage:
 - params: the module's parameters and buffers;
 - grads: after each backward (before the step), DeepSpeed's gradient state for this rank's partition
@@ -58,13 +58,13 @@ def storages(*objs: object) -> dict[int, int]:
     return out
 
 
-def probe(args, dtype: torch.dtype, world: int, rank: int) -> dict[str, int]:
+def probe(args, dtype: torch.dtype, world: int, rank: int, stage: int = 2) -> dict[str, int]:
     torch.manual_seed(0)
     model = LightningDiT(args)
     init = fp32_snapshot(model)
     trained = [p for p in model.parameters() if p.requires_grad]
     ds_config = deepspeed_config(
-        micro_batch=MICRO, grad_accum=ACCUM, world_size=world, dtype=dtype, grad_clip=0.0, zero_stage=2,
+        micro_batch=MICRO, grad_accum=ACCUM, world_size=world, dtype=dtype, grad_clip=0.0, zero_stage=stage,
         trainable_params=sum(p.numel() for p in trained),
     )  # fmt: skip
     engine = build_engine(model, trained, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, warmup_steps=0,
@@ -73,13 +73,14 @@ def probe(args, dtype: torch.dtype, world: int, rank: int) -> dict[str, int]:
     seed_fp32_master(engine, init)
     opt = engine.optimizer
     staging = [0]
-    enter = opt.reduce_independent_p_g_buckets_and_remove_grads
+    if stage > 0:
+        enter = opt.reduce_independent_p_g_buckets_and_remove_grads
 
-    def watched(param, i):  # a gradient enters a bucket: the staging buffers exist now
-        staging[0] = max(staging[0], sum(storages([b.buffer for b in opt.ipg_buckets.values()]).values()))
-        return enter(param, i)
+        def watched(param, i):  # a gradient enters a bucket: the staging buffers exist now
+            staging[0] = max(staging[0], sum(storages([b.buffer for b in opt.ipg_buckets.values()]).values()))
+            return enter(param, i)
 
-    opt.reduce_independent_p_g_buckets_and_remove_grads = watched
+        opt.reduce_independent_p_g_buckets_and_remove_grads = watched
     grads = 0
     g = torch.Generator().manual_seed(rank)
     for _ in range(ACCUM):
@@ -87,7 +88,7 @@ def probe(args, dtype: torch.dtype, world: int, rank: int) -> dict[str, int]:
         t, y = torch.rand(MICRO, generator=g), torch.randint(0, args.num_classes, (MICRO,), generator=g)
         loss = (engine(x.to(dtype), t, y).float() - x).pow(2).mean()
         engine.backward(loss)
-        held = storages(opt.averaged_gradients, getattr(opt, "all_grad_tensors", {}),
+        held = storages(getattr(opt, "averaged_gradients", {}), getattr(opt, "all_grad_tensors", {}),
                         [p.grad for p in engine.module.parameters() if p.grad is not None])  # fmt: skip
         grads = max(grads, sum(held.values()))
         engine.step()
@@ -97,7 +98,7 @@ def probe(args, dtype: torch.dtype, world: int, rank: int) -> dict[str, int]:
         "grads": grads,
         "buckets": staging[0],
         "optimizer": optimizer_state_bytes(engine),
-        "master": sum(storages(opt.single_partition_of_fp32_groups).values()),
+        "master": sum(storages(getattr(opt, "single_partition_of_fp32_groups", [])).values()),
         "ema": sum(storages(ema.shards).values()),
         "ema_total": ema.nbytes(),
         "trainable": sum(p.numel() for p in trained),
@@ -114,6 +115,8 @@ result = {}
 for name, args in MODELS.items():
     for label, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         result[f"{name}-{label}"] = probe(args, dtype, env.world_size, env.rank)
+    if env.world_size == 1:  # what the trainer runs at one rank in fp32 (trainer.engine.engine_stage)
+        result[f"{name}-fp32-stage0"] = probe(args, torch.float32, 1, 0, stage=0)
 (out / f"rank{env.rank}.json").write_text(json.dumps(result))
 dist.barrier()
 shutdown()
