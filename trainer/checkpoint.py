@@ -12,7 +12,9 @@ Layout of `<run>/checkpoints/step-00000080/`:
 `checkpoints/latest` names the newest complete checkpoint; it is replaced atomically after meta.json,
 and old checkpoints are deleted only after that (keep the last K, plus milestones). On load, a
 checkpoint saved at another world size is converted once to DeepSpeed's universal format
-(`<engine>_universal/`, published atomically with a marker; see trainer/universal.py) and loaded from there.
+(`<engine>_universal/`, published atomically with a marker; see trainer/universal.py) and loaded from there;
+one saved at another ZeRO stage (stage 0 runs at one rank in fp32) is loaded through whole tensors
+(trainer/stage_change.py).
 
 Faults (issue #11): a job killed while saving leaves a folder without meta.json, which resume reports
 and ignores; a checkpoint damaged afterwards (a file truncated or deleted) makes resume fall back to the
