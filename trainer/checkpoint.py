@@ -342,9 +342,7 @@ class Checkpointer:
             if route == "whole":  # saved at stage 0, or loaded into stage 0 (trainer/stage_change.py)
                 load_whole(ck.path, name, engine, self.convert)
                 continue
-            if (
-                route == "universal"
-            ):  # converted once, outside any collective's time-out (trainer/universal.py)
+            if route == "universal":  # converted once, outside any collective's time-out (universal.py)
                 tag = f"{name}_universal"
                 ensure_universal(ck.path / name, ck.path / tag, self.convert)
             load_path, _ = engine.load_checkpoint(
