@@ -129,7 +129,9 @@ def resume_answer(meta: dict[str, Any], world_size: int, folder: Path) -> tuple[
     Same world size: exact (engines, optimizer partitions and per-rank RNG load as saved). Another
     one must divide data.streams and the global batch, and the micro batch must divide the per-rank
     batch (trainer.config.world_size_problems); the engines are then loaded from DeepSpeed's
-    universal format, converted once into `<engine>_universal/`.
+    universal format, converted once into `<engine>_universal/`. To or from stage 0 (one rank in fp32,
+    as the saved dtype and settings say: trainer.engine.engine_stage) they are loaded through whole
+    tensors (trainer/stage_change.py), read from that conversion when the checkpoint is ZeRO's.
     """
     from trainer.config import world_size_problems
     from trainer.engine import engine_stage

@@ -12,6 +12,8 @@ from tests.test_train_dit import final_weights, latents, log, losses, module_wei
 from trainer.stage_change import describe, resume_route
 
 SKIP = "nonfinite=skip"
+WARM = "optim.warmup_steps=10"
+"""Warmup through the resume: the learning rate of the first resumed step must be the scheduler's."""
 """At one rank in fp32 this keeps ZeRO-2 (skipping needs ZeRO's overflow check): the other stage."""
 
 
@@ -25,8 +27,8 @@ def stage_of(root, name: str, step: int) -> int:
 def one_rank(latents, tmp_path_factory):  # noqa: F811
     """Uninterrupted one-rank runs of 6 steps: `straight` at stage 0, `zero2` at ZeRO-2 (nonfinite=skip)."""
     root = tmp_path_factory.mktemp("one")
-    train(latents, root, "straight", "steps=6", "ckpt.every=3", local=1)
-    train(latents, root, "zero2", "steps=6", "ckpt.every=3", SKIP, local=1)
+    train(latents, root, "straight", "steps=6", "ckpt.every=3", WARM, local=1)
+    train(latents, root, "zero2", "steps=6", "ckpt.every=3", WARM, SKIP, local=1)
     return root
 
 
@@ -69,9 +71,9 @@ def test_changing_stage_at_one_rank_resumes_bit_for_bit(latents, one_rank, tmp_p
     rounds some elements otherwise than over each tensor. That difference is what this test sees when the
     resume takes the wrong weights or moments.) From a ZeRO-2 checkpoint the whole tensors come from its
     universal conversion; from a stage-0 one, from the torch optimizer's state."""
-    train(latents, tmp_path, "changed", "steps=3", "ckpt.every=3", *[s for s in (first,) if s], local=1)
+    train(latents, tmp_path, "changed", "steps=3", "ckpt.every=3", WARM, *[s for s in (first,) if s], local=1)
     proc = train(
-        latents, tmp_path, "changed", "steps=6", "ckpt.every=3", *[s for s in (second,) if s], local=1
+        latents, tmp_path, "changed", "steps=6", "ckpt.every=3", WARM, *[s for s in (second,) if s], local=1
     )
     a, b = (0, 2) if first == "" else (2, 0)
     assert stage_of(tmp_path, "changed", 3) == a and stage_of(tmp_path, "changed", 6) == b

@@ -12,7 +12,9 @@ resumes at any world size, so a checkpoint is loaded by one of three routes (:fu
   partitions), so the trainer does it with whole per-parameter tensors:
 
   1. DeepSpeed loads what does not depend on the stage (`load_optimizer_states=False`): the module's
-     weights, the LR scheduler and its step counters.
+     weights, the LR scheduler and its step counters. The optimizer's groups get the scheduler's current
+     rate, which DeepSpeed restores only with the optimizer state (without it, the first resumed step
+     during warmup took the first step's rate).
   2. The whole fp32 weights and Adam moments of every trained parameter are read: from a stage-0
      checkpoint, its module and the torch optimizer's state dict (in the optimizer's parameter order,
      which is the trainer's `trained` list, the same at every stage); from a ZeRO checkpoint, its
@@ -85,6 +87,10 @@ def load_whole(folder: Path, tag: str, engine: Any, convert: ConvertSettings) ->
     else:
         weights, moments, step = read_stage0(folder / tag / MODEL_STATES, names)
     write_whole(engine, names, weights, moments, step)
+    scheduler = engine.lr_scheduler
+    if scheduler is not None:  # DeepSpeed restored the scheduler, not the rate in the optimizer's groups
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr  # the next step's rate, as the scheduler set it after the last saved step
 
 
 def read_stage0(
