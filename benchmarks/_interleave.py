@@ -8,7 +8,8 @@ process's step by 20%) and warm caches away from the next. Rotating the order (A
 any contender from always running first, after the machine idled.
 
 A contender is a command run from the repository root, as `ranks` processes with torchrun-style variables
-(`slurm.env.child_env`, the environment `ldit … --local N` gives its ranks) and `OMP_NUM_THREADS` = cores
+(`slurm.env.child_env`, the environment `ldit … --local N` gives its ranks, torch's huge-page allocation
+`slurm.env.ALLOCATOR_ENV` included unless the caller's environment sets it) and `OMP_NUM_THREADS` = cores
 / ranks unless given. Each process prints one line `BENCH_RESULT {json}` (:func:`report`): its figures,
 e.g. the median step time over its steps after warm-up, and `torch.get_num_threads()`. Rank 0's figures
 count; every rank's thread count is kept.

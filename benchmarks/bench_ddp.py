@@ -5,8 +5,9 @@
 
 Global batch 16 (8 a rank), fp32, torch's fused AdamW (the optimizer config's defaults), forward + flow
 loss + backward + step on one in-memory batch a rank. Three contenders, each a fresh pair of processes per
-round (benchmarks/_interleave.py: `ldit … --local 2`'s environment, 1 thread a rank on 2 cores, rounds
-interleaved, order rotated, medians):
+round (benchmarks/_interleave.py: `ldit … --local 2`'s environment, torch's huge-page allocation included,
+1 thread a rank on 2 cores, rounds interleaved, order rotated, medians; `THP_MEM_ALLOC_ENABLE=0` before the
+command runs all three without it):
 
 - `zero2`: the DeepSpeed engine as trainer/dit.py builds it (`trainer.engine.deepspeed_config` +
   `build_engine`, stage 2, fp32 communication, the engine's bucket size).

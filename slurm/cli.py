@@ -378,7 +378,13 @@ def console() -> None:
     fails again), and the exit status is 141 = 128 + SIGPIPE, what a command the signal stopped reports
     (Python ignores SIGPIPE, so it sees the error instead); a shell pipeline without `pipefail` reports
     the status of `head`.
+
+    Torch's allocator settings for every rank (:data:`slurm.env.ALLOCATOR_ENV`) are put into the environment
+    first, for a run in this process and for the ranks and jobs it starts.
     """
+    from slurm.env import use_allocator_env
+
+    use_allocator_env()
     try:
         code = main()
         sys.stdout.flush()

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from omegaconf import MISSING
 
 from slurm.config import ConfigError, load_config
+from slurm.env import allocator_exports
 
 # sbatch options that the cluster file's own keys (or the submission) set; `sbatch:` may not repeat them.
 MANAGED_SBATCH = {
@@ -235,7 +236,8 @@ def sbatch_parameters(
     # running on the others, for the teardown to requeue it or submit it again without that node.
     heal = f"{shlex.quote(sys.executable)} -m slurm.heal"
     folder = shlex.quote(str(Path(cluster.folder).expanduser().absolute()))
-    params["setup"] = [*cluster.setup, f"{heal} mark {folder}"]
+    # The allocator's variables first, so that the cluster file's own setup lines may override them.
+    params["setup"] = [*allocator_exports(), *cluster.setup, f"{heal} mark {folder}"]
     params["srun_args"] = ["--kill-on-bad-exit=1"]
     params["teardown"] = ["ldit_rc=$?", f"{heal} after {folder} $ldit_rc", "exit $?"]
     params["additional_parameters"] = {"no-kill": True, "requeue": True, **cluster.sbatch}

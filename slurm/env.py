@@ -175,13 +175,45 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+ALLOCATOR_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+"""What every rank's environment holds unless it sets the variable itself (`THP_MEM_ALLOC_ENABLE=0` opts out):
+torch's CPU allocator puts each tensor of 2 MiB or more on transparent huge pages (`madvise`; the kernel's
+`/sys/kernel/mm/transparent_hugepage/enabled` must not be `never`).
+
+Why: glibc maps every block over 32 MiB fresh from the kernel and unmaps it when it is freed, so such a
+tensor costs one page fault per 4 KiB each time it is allocated. DeepSpeed 0.19.8's stage 2 allocates three
+a step and frees them again: the gradient bucket (`setup_buckets`, released at the end of backward), the
+partition's gradient buffer and their concatenation for the step. Measured on this repository's 2-core
+machine, 12x384 model, ZeRO-2 at two gloo ranks, rank 0: 78-105 k minor page faults a step without it, 6.6-9.0 k
+with it (torch DDP: 4-9 k); a fresh 128 MiB buffer filled by `copy_` took 38 ms against 12 ms for one
+reused (0.85 us a fault). With 2 MiB pages the kernel faults 512 times less often. On GPUs the caching
+allocator already reuses device memory, and the setting touches only host tensors of 2 MiB or more
+(batches, checkpoint copies). torch reads the variable at its first allocation, so the launchers set it
+before a rank starts: :func:`child_env` (`--local`), `ldit` itself (:func:`use_allocator_env`) and the
+batch script of a SLURM job (:func:`allocator_exports`).
+"""
+
+
+def use_allocator_env() -> None:
+    """Put :data:`ALLOCATOR_ENV` into this process's environment where it is not set (before torch allocates)."""
+    for key, value in ALLOCATOR_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def allocator_exports() -> list[str]:
+    """Shell lines exporting :data:`ALLOCATOR_ENV` where the job's environment does not set it (sbatch setup)."""
+    return [f'export {key}="${{{key}:-{value}}}"' for key, value in ALLOCATOR_ENV.items()]
+
+
 def child_env(rank: int, world_size: int, master_port: int, base: dict[str, str] | None = None) -> dict:
     """The environment of local process `rank` of `world_size` (`ldit ... --local N`), torchrun-style.
 
     SLURM's task variables are removed so that a child started inside a SLURM job does not take
-    SLURM's rank for its own.
+    SLURM's rank for its own. :data:`ALLOCATOR_ENV` is added where `base` (default: this process's
+    environment) does not set it.
     """
-    env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith("SLURM_")}
+    base = {**ALLOCATOR_ENV, **(os.environ if base is None else base)}
+    env = {k: v for k, v in base.items() if not k.startswith("SLURM_")}
     env.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import pytest
@@ -23,12 +25,17 @@ def write(tmp_path, text: str, name: str = "c.yaml"):
     return path
 
 
+THP = 'export THP_MEM_ALLOC_ENABLE="${THP_MEM_ALLOC_ENABLE:-1}"'
+"""The first setup line of every job: torch's huge-page allocation (slurm.env.ALLOCATOR_ENV), unless the job's
+environment or the cluster file's setup sets it."""
+
+
 def heal_lines(folder: str) -> dict:
     """What every job gets for slurm/heal.py: the step ends at the first failed rank, a lost node leaves the
     job running, and the teardown handles srun's exit status."""
     heal = f"{sys.executable} -m slurm.heal"
     return {
-        "setup": [f"{heal} mark {folder}"],
+        "setup": [THP, f"{heal} mark {folder}"],
         "srun_args": ["--kill-on-bad-exit=1"],
         "teardown": ["ldit_rc=$?", f"{heal} after {folder} $ldit_rc", "exit $?"],
         "additional_parameters": {"no-kill": True, "requeue": True},
@@ -66,6 +73,7 @@ def test_example_gpu_cluster_file_one_task_per_gpu():
         "dependency": "afterok:1234",
         **heal_lines(str(ROOT / "runs" / "slurm" / "%j")),
         "setup": [
+            THP,
             "module load cuda/12.4",
             'source "$HOME/ldit/.venv/bin/activate"',
             "export NCCL_DEBUG=WARN",
@@ -99,6 +107,12 @@ def test_example_gpu_cluster_file_one_task_per_gpu():
         "module load cuda/12.4",
     ]:
         assert line in script.splitlines(), line
+    lines = script.splitlines()
+    assert (
+        lines.index(THP)
+        < lines.index("module load cuda/12.4")
+        < lines.index(next(x for x in lines if "srun " in x))
+    )
     # srun's status reaches the teardown: nothing runs between them (blank lines and comments keep $?)
     tail = script[script.index("srun ") :].splitlines()
     assert tail[0].endswith("--kill-on-bad-exit=1 python -m x")
@@ -246,3 +260,12 @@ def test_cli_checks_the_cluster_before_saying_not_built(capsys, monkeypatch):
     monkeypatch.setitem(JOBS, "export", replace(JOBS["export"], entry=None, issue=7))
     assert main(["export", "run.name=x", "--slurm", "--cluster", str(LOCAL)]) == 2
     assert "not built yet (issue #7)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("job_env", "rank_sees"), [({}, "1"), ({"THP_MEM_ALLOC_ENABLE": "0"}, "0")])
+def test_the_allocator_line_keeps_a_value_the_job_sets(job_env, rank_sees):
+    """The batch script's export gives the ranks huge pages unless the submitting environment opted out."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | job_env
+    out = subprocess.run(["bash", "-c", f'{THP}; echo "$THP_MEM_ALLOC_ENABLE"'], env=env, capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    assert out.strip() == rank_sees

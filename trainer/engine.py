@@ -60,7 +60,9 @@ def deepspeed_config(
     Buckets (`reduce_bucket_size`, `allgather_bucket_size`, in elements): :func:`bucket_elements` of the
     engine's trainable parameter count, not DeepSpeed's 5e8 default, which holds 5e8 elements whatever
     the model (1.86 GiB in fp32 per rank: XL/1 bf16 at W=2 went out of memory on this 23 GiB machine
-    with it, benchmarks/bench_full_size.py).
+    with it, benchmarks/bench_full_size.py). DeepSpeed allocates the bucket afresh every step (and the
+    partition's gradients, and their concatenation for the step); on the CPU each would fault every page in
+    again, which the ranks' huge-page allocation (`slurm.env.ALLOCATOR_ENV`) makes 512x rarer.
 
     What each step pays for only when it is used (issue #19):
     - `compute_grad_norm` (ZeRO-2): the global gradient norm is a norm per parameter, a sum and a
