@@ -12,9 +12,9 @@ from tests.test_train_dit import final_weights, latents, log, losses, module_wei
 from trainer.stage_change import describe, resume_route
 
 SKIP = "nonfinite=skip"
+"""At one rank in fp32 this keeps ZeRO-2 (skipping needs ZeRO's overflow check): the other stage."""
 WARM = "optim.warmup_steps=10"
 """Warmup through the resume: the learning rate of the first resumed step must be the scheduler's."""
-"""At one rank in fp32 this keeps ZeRO-2 (skipping needs ZeRO's overflow check): the other stage."""
 
 
 def stage_of(root, name: str, step: int) -> int:
